@@ -1,0 +1,154 @@
+"""The Reversed Auto-Encoder network (SPEC-RA.md, "Network"): a residual VAE encoder that also exposes its five
+multi-scale embeddings, and a residual decoder. Knows nothing of losses, optimisers or files.
+
+Images are tensors (N, C, H, W) with values in [0, 1]; the decoder ends in a sigmoid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+PAPER_WIDTHS = (64, 128, 256, 512, 512)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Constructor arguments of `ReversedAutoEncoder`; the defaults are the paper configuration."""
+
+    in_channels: int = 1
+    image_size: int = 128
+    latent_dim: int = 128
+    widths: tuple[int, ...] = field(default=PAPER_WIDTHS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.image_size % (2 ** len(self.widths)):
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2^{len(self.widths)}: the encoder halves the size "
+                f"once per width; choose an image size that is a multiple of {2 ** len(self.widths)} or other widths"
+            )
+
+    @property
+    def bottleneck(self) -> int:
+        return self.image_size // 2 ** len(self.widths)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "widths": list(self.widths)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArchConfig":
+        return cls(**{k: d[k] for k in ("in_channels", "image_size", "latent_dim", "widths") if k in d})
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-LeakyReLU-conv3x3-BN, plus the skip (1x1 conv in transition blocks), then LeakyReLU(0.2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, skip_conv: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False) if skip_conv else nn.Identity()
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(y + self.skip(x))
+
+
+class Encoder(nn.Module):
+    """x -> (mu, logvar, embeddings): the embeddings are the outputs of the stem's and each stage's AvgPool
+    (64@64, 128@32, 256@16, 512@8, 512@4 in the paper configuration)."""
+
+    def __init__(self, config: ArchConfig):
+        super().__init__()
+        w = config.widths
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, w[0], 5, padding=2, bias=False),
+            nn.BatchNorm2d(w[0]),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.AvgPool2d(2),
+        )
+        # Every stage steps from one listed width to the next and carries a 1x1 skip conv, equal widths included.
+        self.stages = nn.ModuleList(
+            nn.Sequential(ResidualBlock(w[i], w[i + 1], skip_conv=True), nn.AvgPool2d(2)) for i in range(len(w) - 1)
+        )
+        self.head_block = ResidualBlock(w[-1], w[-1], skip_conv=False)
+        self.fc = nn.Linear(w[-1] * config.bottleneck**2, 2 * config.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        h = self.stem(x)
+        embeddings = [h]
+        for stage in self.stages:
+            h = stage(h)
+            embeddings.append(h)
+        mu, logvar = self.fc(self.head_block(h).flatten(1)).chunk(2, dim=1)
+        return mu, logvar, embeddings
+
+
+class Decoder(nn.Module):
+    """z (N, latent_dim) -> image (N, C, H, W) in [0, 1]."""
+
+    def __init__(self, config: ArchConfig):
+        super().__init__()
+        w = config.widths[::-1]
+        self.bottleneck = config.bottleneck
+        self.top_width = w[0]
+        self.fc = nn.Sequential(nn.Linear(config.latent_dim, w[0] * config.bottleneck**2), nn.ReLU())
+        blocks = [ResidualBlock(w[0], w[0], skip_conv=False), nn.Upsample(scale_factor=2, mode="nearest")]
+        for i in range(len(w) - 1):
+            blocks += [ResidualBlock(w[i], w[i + 1], skip_conv=True), nn.Upsample(scale_factor=2, mode="nearest")]
+        blocks += [ResidualBlock(w[-1], w[-1], skip_conv=False), nn.Conv2d(w[-1], config.in_channels, 5, padding=2)]
+        self.main = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(-1, self.top_width, self.bottleneck, self.bottleneck)
+        return torch.sigmoid(self.main(h))
+
+
+class ReversedAutoEncoder(nn.Module):
+    """Encoder + decoder of RA (a Soft-IntroVAE). `reconstruct` is the deterministic pseudo-healthy x_ph = D(mu(x))."""
+
+    def __init__(self, config: ArchConfig | None = None):
+        super().__init__()
+        self.config = config or ArchConfig()
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        mu, _, _ = self.encoder(x)
+        return self.decoder(mu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x)
+
+
+Noise = Callable[[torch.Size], torch.Tensor]
+"""Draws standard normal noise of a given shape; training passes a seeded source so that runs resume exactly."""
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I) from `noise` (torch's global generator when None)."""
+    eps = noise(mu.shape).to(device=mu.device, dtype=mu.dtype) if noise is not None else torch.randn_like(mu)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def set_batchnorm_mode(model: nn.Module, mode: str) -> None:
+    """mode "reference": every BatchNorm in eval mode with running stats untouched (a learned scale and shift, as
+    the reference trained); "batch": BatchNorm uses batch statistics in training. Call after `model.train()`."""
+    if mode not in ("reference", "batch"):
+        raise ValueError(f"unknown BatchNorm mode {mode!r}: use 'reference' (paper default) or 'batch'")
+    if mode == "reference":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
