@@ -1,0 +1,126 @@
+"""Model directories (ARCHITECTURE.md, "Contracts"): `model.safetensors` (weights, loaded without unpickling) and
+`model.json` (the model card). The card carries everything needed to rebuild the network, preprocess exactly as in
+training, score, and reproduce the model; the sha256 of the weights guards against corrupt or tampered files."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import ModelError
+from .model import ArchConfig, ReversedAutoEncoder
+
+CARD_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+NOTICE = "Research use only, not for diagnosis."
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_card(directory: Path, card: dict) -> None:
+    """Writes (or rewrites, e.g. after calibration) `model.json` atomically."""
+    text = json.dumps(card, indent=2, sort_keys=False) + "\n"
+    _atomic_write_bytes(Path(directory) / CARD_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: ArchConfig, card: dict) -> dict:
+    """Writes weights and card into `directory` (created); returns the card as written. `card` holds the
+    caller's sections (preset, training, lpips, calibration, metrics); architecture, checksum, version, notice and
+    date are filled in here."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
+    full = {
+        "format_version": CARD_FORMAT,
+        "name": card.get("name", directory.name),
+        "architecture": {"class": "ReversedAutoEncoder", **arch.to_dict(),
+                         "parameters": sum(v.numel() for k, v in weights.items() if not _is_buffer(k))},
+        **{k: v for k, v in card.items() if k != "name"},
+        "weights_sha256": sha256_of(directory / WEIGHTS_FILE),
+        "software": {"ra_engine": __version__, "torch": torch.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "notice": NOTICE,
+    }
+    write_card(directory, full)
+    return full
+
+
+def _is_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+@dataclass
+class RAModel:
+    """A loaded model: the network in eval mode on `device`, and its card."""
+
+    network: ReversedAutoEncoder
+    card: dict
+    path: Path
+    device: torch.device
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.network.config
+
+
+def read_card(directory: Path) -> dict:
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise ModelError(f"{directory} is not a model directory: {CARD_FILE} is missing (a model directory holds "
+                         f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `ra train`)")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model card {path} cannot be read: {exc}") from exc
+    if card.get("format_version") != CARD_FORMAT:
+        raise ModelError(f"model card {path} has format {card.get('format_version')}; this version of ra reads "
+                         f"format {CARD_FORMAT}: update ra or re-export the model")
+    return card
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> RAModel:
+    """Loads a model directory, verifying the weights' sha256 against the card before reading them."""
+    directory = Path(path)
+    card = read_card(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelError(f"{weights_path} is missing: copy the whole model directory")
+    actual = sha256_of(weights_path)
+    if actual != card.get("weights_sha256"):
+        raise ModelError(f"{weights_path} does not match its card (sha256 {actual}, card says "
+                         f"{card.get('weights_sha256')}): the file is corrupt or was changed; get the model again")
+    arch = ArchConfig.from_dict(card["architecture"])
+    network = ReversedAutoEncoder(arch)
+    try:
+        network.load_state_dict(load_file(str(weights_path)), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{weights_path} does not fit the architecture in its card: {exc}") from exc
+    device = torch.device(device)
+    network.to(device).eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return RAModel(network, card, directory, device)
