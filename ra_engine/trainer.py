@@ -83,13 +83,13 @@ class TrainResult:
     latest_checkpoint: Path
 
 
-class _Shard:
+class Shard:
     """This process's share of the global batch: rank r of w holds rows [r*B, (r+1)*B)."""
 
-    def __init__(self):
+    def __init__(self, rank: int | None = None, world: int | None = None):
         self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank = rank if rank is not None else dist.get_rank() if self.distributed else 0
+        self.world = world if world is not None else dist.get_world_size() if self.distributed else 1
 
     def rows(self, n_local: int) -> slice:
         return slice(self.rank * n_local, (self.rank + 1) * n_local)
@@ -100,7 +100,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def sharded_noise(generator: torch.Generator, shard: _Shard):
+def sharded_noise(generator: torch.Generator, shard: Shard):
     """Noise source for `reparameterize`: draws the global batch's eps and returns this rank's rows."""
 
     def draw(shape: torch.Size) -> torch.Tensor:
@@ -161,9 +161,9 @@ def build_model(arch: ArchConfig, config: TrainConfig, device: torch.device):
 
 @torch.inference_mode()
 def validation_loss(model: ReversedAutoEncoder, images: np.ndarray, device: torch.device, batch_size: int = 32,
-                    shard: _Shard | None = None) -> float:
+                    shard: Shard | None = None) -> float:
     """Mean squared error per pixel of the deterministic reconstruction D(mu(x)) over held-out slices (N, H, W)."""
-    shard = shard or _Shard()
+    shard = shard or Shard()
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -184,7 +184,7 @@ class Trainer:
 
     def __init__(self, train_images: np.ndarray, val_images: np.ndarray, arch: ArchConfig, config: TrainConfig,
                  run_dir: Path, device: torch.device, progress: Progress | None = None, meta: dict | None = None):
-        self.shard = _Shard()
+        self.shard = Shard()
         if config.batch_size % self.shard.world:
             raise DataError(f"batch size {config.batch_size} does not split over {self.shard.world} processes: "
                             f"use a global batch size that is a multiple of the number of processes")
