@@ -11,3 +11,7 @@ class DataError(RAError, ValueError):
 
 class ModelError(RAError):
     """A model directory or checkpoint is missing, corrupt, tampered with, or does not fit the request."""
+
+
+class Cancelled(RAError):
+    """A long job stopped because its progress callback asked it to; nothing half-made was left behind."""

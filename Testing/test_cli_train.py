@@ -1,0 +1,72 @@
+"""`ra train` end to end on tiny data: model directory, refusals, resume, progress, bad input."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import ra_engine
+from ra_engine.cli import main
+from ra_engine.modeldir import sha256_of
+
+TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
+        "--lr", "1e-3", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def radiographs(tmp_path):
+    """Eight smooth 16-bit 'radiographs' of a non-square shape."""
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:30]
+    for i in range(8):
+        body = np.exp(-(((yy - 20 - rng.integers(-3, 4)) / 14.0) ** 2 + ((xx - 15) / 9.0) ** 2))
+        img = (body * 30000 + rng.normal(0, 300, body.shape)).clip(0, 65535).astype(np.uint16)
+        sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i}.png"))
+    return folder
+
+
+def train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def test_train_writes_a_loadable_model_directory_with_its_card(radiographs, tmp_path, capsys):
+    out = tmp_path / "run"
+    progress = tmp_path / "progress.jsonl"
+    assert train(radiographs, out, "--epochs", "2", "--progress-json", str(progress)) == 0
+    model = ra_engine.load_model(out / "model")
+    card = model.card
+    assert card["architecture"]["widths"] == [4, 8] and card["architecture"]["image_size"] == 16
+    assert card["preset"]["name"] == "xray" and card["preset"]["flip"] is False
+    assert card["training"]["config"]["augment"]["flip"] is False
+    assert card["training"]["stopped_by"] == "epochs" and card["training"]["epochs"] == 2
+    assert card["training"]["data"]["sources"] == 8 and card["training"]["data"]["val_slices"] >= 1
+    assert card["training"]["command"] == ["ra", "train", "--data", str(radiographs), "--out", str(out), *TINY,
+                                           "--epochs", "2", "--progress-json", str(progress)]
+    assert card["weights_sha256"] == sha256_of(out / "model" / "model.safetensors")
+    assert "not for diagnosis" in card["notice"]
+    assert (out / "train.log").read_text().count("val_loss") == 2
+    events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
+    assert "start" in events and events[-1] == "done" and events.count("epoch") == 2
+
+
+def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(radiographs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(radiographs, out, "--max-steps", "2") == 0
+    assert train(radiographs, out, "--max-steps", "2") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert train(radiographs, out, "--max-steps", "5", "--resume") == 0
+    training = ra_engine.load_model(out / "model").card["training"]
+    assert training["steps"] == 5 and training["weights_from"] == "best.pt" and training["weights_step"] == 3
+    assert train(radiographs, out, "--max-steps", "1", "--overwrite") == 0
+    assert ra_engine.load_model(out / "model").card["training"]["steps"] == 1
+
+
+def test_missing_or_empty_data_is_a_clear_error_and_writes_no_run(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(empty, tmp_path / "run1", "--max-steps", "1") == 2
+    assert "ra train: error:" in capsys.readouterr().err
+    assert train(tmp_path / "missing", tmp_path / "run2", "--max-steps", "1") == 2
+    assert not (tmp_path / "run2" / "model").exists()

@@ -1,0 +1,162 @@
+"""The `ra` command: one command with sub-commands (train, demo, ...), each with --help."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import RAError
+
+PAPER = "paper default"
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, e.g. 64,128,256,512,512; got {text!r}")
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train RA on a cohort of normal scans",
+        description="Train a Reversed Auto-Encoder on normal scans only. The defaults are the paper's configuration "
+                    "and schedule. Writes RUN_DIR/checkpoints (resumable), RUN_DIR/train.log and, when training "
+                    "ends, the model directory RUN_DIR/model. Several GPUs or nodes: start the same command with "
+                    "`torchrun --nproc-per-node N -m ra_engine.cli train ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+",
+                   help="normal scans: a folder (searched recursively; `<name>_mask.*` files pair as brain/body "
+                        "masks), a glob, a CSV with columns image[,mask], or several paths")
+    p.add_argument("--preset", required=True, choices=("brain-mri", "xray"),
+                   help="brain-mri: align to the bundled reference head, brain only, axial slices; xray: 2D "
+                        "radiographs, 98th-percentile scaling, padded square")
+    p.add_argument("--out", required=True, type=Path, help="run folder (refused if it exists, unless --resume/--overwrite)")
+    p.add_argument("--epochs", type=_positive(int), default=1500)
+    p.add_argument("--max-steps", type=_positive(int), default=None,
+                   help="stop after this many iterations in all (the run stays resumable)")
+    p.add_argument("--batch-size", type=_positive(int), default=8, help="global batch, split over torchrun processes")
+    p.add_argument("--lr", type=_positive(float), default=5e-5, help="Adam learning rate of both halves (constant)")
+    p.add_argument("--patience", type=_positive(int), default=500, help="early stopping: epochs without a better "
+                                                                        "validation reconstruction error")
+    p.add_argument("--image-size", type=_positive(int), default=128)
+    p.add_argument("--latent-dim", type=_positive(int), default=128)
+    p.add_argument("--widths", type=_widths, default=(64, 128, 256, 512, 512),
+                   help="encoder widths, one stage each (the bottleneck is image size / 2^stages)")
+    p.add_argument("--batchnorm", choices=("reference", "batch"), default="reference",
+                   help="reference: BatchNorm as a learned scale and shift (how the published results were "
+                        "trained); batch: batch statistics")
+    p.add_argument("--sync-batchnorm", action="store_true", help="with --batchnorm batch under torchrun on GPUs")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--seed", type=int, default=2109)
+    p.add_argument("--workers", type=int, default=0, help="processes that preprocess scans into the slice cache")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of whole scans held out for validation")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N iterations (0: only "
+                                                                     "at epoch ends and stops)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="slice cache folder (default RUN_DIR/cache)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints and model in --out")
+    p.add_argument("--progress-json", default=None, metavar="PATH",
+                   help="write progress events as JSON lines to PATH ('-': standard output)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .augment import AugmentConfig
+    from .model import ArchConfig
+    from .preprocess import preset_config
+    from .progress import Progress
+    from .trainer import TrainConfig
+    from .training import run_training
+
+    if args.resume and args.overwrite:
+        raise RAError("--resume and --overwrite exclude each other: choose one")
+    arch = ArchConfig(image_size=args.image_size, latent_dim=args.latent_dim, widths=args.widths)
+    preset = preset_config(args.preset, image_size=args.image_size)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         patience=args.patience, batchnorm=args.batchnorm, sync_batchnorm=args.sync_batchnorm,
+                         amp=args.amp, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                         augment=AugmentConfig(flip=preset.flip))
+    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
+    with _stop_on_signals(progress):
+        result, model_dir = run_training(args.data, preset, args.out, arch, config, device=args.device,
+                                         workers=args.workers, resume=args.resume, overwrite=args.overwrite,
+                                         val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+                                         progress=progress, command=args.command_line)
+    progress.close()
+    if model_dir is None:
+        print(f"training stopped at step {result.state.step}; continue with --resume --out {args.out}",
+              file=sys.stderr)
+        return 130 if result.stopped_by == "cancelled" else 0
+    print(f"model written to {model_dir}", file=sys.stderr)
+    return 0
+
+
+class _stop_on_signals:
+    """SIGINT/SIGTERM ask the job to stop cleanly at the next iteration (a checkpoint is written); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def _handle(self, signum, frame):
+        if self.progress.cancelled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print("\nstopping after this iteration (press Ctrl-C again to abort at once)", file=sys.stderr)
+        self.progress.cancel()
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ra", description="Reversed Auto-Encoders (RA) for unsupervised anomaly detection in medical images. "
+                               "Research use only, not for diagnosis.")
+    parser.add_argument("--version", action="version", version=f"ra {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command_line = ["ra", *argv]  # recorded in model cards, so that every result can be reproduced
+    try:
+        return args.run(args)
+    except RAError as exc:
+        print(f"ra {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ra {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
