@@ -1,0 +1,32 @@
+"""`ra demo` end to end (a few iterations): the README's main command on bundled data, offline."""
+import json
+
+import numpy as np
+import pytest
+
+from ra_engine.cli import main
+from ra_engine.imageio import read_image
+
+
+@pytest.mark.slow
+def test_demo_trains_calibrates_and_writes_results_on_the_scans_grid(tmp_path, alex_safetensors, monkeypatch, capsys):
+    monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", "--quiet"]) == 0
+
+    scan = read_image(out / "test_scan.nii.gz")
+    for name in ("pseudo_healthy", "anomaly_map", "detections"):
+        result = read_image(out / f"test_scan_{name}.nii.gz", validate=False)
+        assert result.array.shape == scan.array.shape
+        np.testing.assert_allclose(result.geometry.spacing, scan.geometry.spacing, rtol=1e-6)
+        np.testing.assert_allclose(result.geometry.origin, scan.geometry.origin, atol=1e-4)
+        np.testing.assert_allclose(result.geometry.direction, scan.geometry.direction, atol=1e-6)
+    scores = json.loads((out / "test_scan_scores.json").read_text())
+    assert scores["lesion_voxels_in_mask"] > 100 and 0 <= scores["lesion_fraction_flagged"] <= 1
+    assert 0.0 < scores["normal_fraction_flagged"] < 0.5  # calibrated at 5% on another subject
+    assert (out / "test_scan_overlay.png").stat().st_size > 1000
+    card = json.loads((out / "run" / "model" / "model.json").read_text())
+    assert card["calibration"]["scans"] and len(card["calibration"]["thresholds"]) == len(card["calibration"]["flag_rates"])
+    assert card["training"]["steps"] == 3
+    assert "lesion" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 2, "an existing demo is not overwritten silently"
