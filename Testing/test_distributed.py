@@ -97,3 +97,32 @@ def test_batch_statistics_mode_equals_one_process_running_the_half_batches_separ
         opt_d.step()
         set_requires_grad(model.encoder, True)
     assert_close_states(model.state_dict(), rank0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ra_train_under_torchrun_trains_on_two_processes_and_rank0_writes_the_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    data = tmp_path / "normals"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        sitk.WriteImage(sitk.GetImageFromArray((rng.random((20, 24)) * 60000).astype(np.uint16)), str(data / f"{i}.png"))
+    out = tmp_path / "run"
+    progress = tmp_path / "progress.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ra_engine.cli", "train", "--data", str(data), "--preset", "xray", "--out", str(out),
+           "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "4", "--max-steps", "2",
+           "--device", "cpu", "--quiet", "--progress-json", str(progress)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((out / "model" / "model.json").read_text())
+    assert card["training"]["steps"] == 2
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert "2 process(es)" in next(e for e in events if e["event"] == "start")["message"]
+    assert sum(e["event"] == "step" and "losses" in e for e in events) == 2, "only rank 0 reports"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def cmd_train(args) -> int:
                                          val_fraction=args.val_fraction, cache_dir=args.cache_dir,
                                          progress=progress, command=args.command_line)
     progress.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     if model_dir is None:
         print(f"training stopped at step {result.state.step}; continue with --resume --out {args.out}",
               file=sys.stderr)

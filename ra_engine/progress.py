@@ -61,6 +61,9 @@ class Progress:
                 self._bar.close()
                 self._bar = None
             return
+        if self._bar is not None and (self._bar.total != record["total_steps"] or record["event"] == "start"):
+            self._bar.close()  # a new phase (preprocessing, then training) gets a bar of its own
+            self._bar = None
         if self._bar is None:
             from tqdm import tqdm
 
