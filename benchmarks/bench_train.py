@@ -60,6 +60,7 @@ def _torch(threads: int):
     import torch
 
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # as the Trainer does; both modes alike
     return torch
 
 

@@ -139,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "Research use only, not for diagnosis.")
     parser.add_argument("--version", action="version", version=f"ra {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_parser(sub)
+    from .calibrate_cli import add_calibrate_parser
     from .demo import add_demo_parser
+    from .detect_cli import add_detect_parser
+    from .models_cli import add_models_parser
 
+    add_train_parser(sub)
+    add_detect_parser(sub)
+    add_calibrate_parser(sub)
+    add_models_parser(sub)
     add_demo_parser(sub)
     return parser
 
