@@ -1,29 +1,54 @@
 """Detection on one scan: model-space slices -> pseudo-healthy reconstruction (D(mu), batched, inference mode) ->
-anomaly map (`scoring`) -> results mapped back onto the scan's own grid, geometry kept."""
+anomaly map (`scoring`) -> results mapped back onto the scan's own grid, geometry kept.
+
+Memory: besides the input and the results on the input's grid, detection holds a fixed number of model-space
+stacks of the whole scan, (n_slices, H, W) float32 each (the preprocessed slices and masks, the reconstruction and
+the anomaly map); their size is set by the model's preset, not by the scan (brain-mri at 128 pixels: 84 slices of
+128 x 128, 5.5 MB a stack; xray: one slice). On top of that, one batch at a time: `batch_size` slices
+through the network and the scorer (their activations, LPIPS and CLAHE maps), released before the next batch.
+No autograd graph is built (inference mode), so a huge scan costs a few copies of its own size (the input, the
+results, resampling) plus a bounded amount.
+"""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .errors import Cancelled, DataError
-from .image import Image
-from .imageio import validate_image
-from .modeldir import RAModel
+from .calibration import percentile_of_normal, threshold_for
+from .errors import Cancelled, DataError, ModelError
+from .image import Geometry, Image
+from .imageio import LUMA, validate_image
+from .modeldir import NOTICE, RAModel
 from .preprocess import PresetConfig, SliceSet, preprocess
+from .regions import find_regions
 from .scoring import AnomalyScorer, image_score
+
+BatchProgress = Callable[[int, int], "bool | None"]
+"""progress(done, total): slices scored so far and in all, after each batch; returning False cancels."""
+
+# DICOM Modality values of the images each preset is made for; a DICOM naming another one is refused unless forced.
+PRESET_MODALITIES = {"brain-mri": ("MR",), "xray": ("CR", "DX", "RG")}
+NO_CALIBRATION = ("has no calibration (no table of anomaly values on normal scans, which turns a flag rate into a "
+                  "threshold): run `ra calibrate` with this model on held-out normal scans, or give a threshold "
+                  "explicitly")
+# `_scores.json` lists at most this many regions (the largest); `regions_total` says how many there are.
+MAX_REPORTED_REGIONS = 100
 
 
 @dataclass
 class Detection:
-    """Results on the input's grid (arrays (z, y, x) or (y, x), the input's geometry).
+    """Results on the input's grid (arrays (z, y, x) or (y, x), the input's geometry, LPS).
 
     pseudo_healthy: the reconstruction in the scan's intensity units; anomaly: A (float32, 0 outside the brain/body
     and the model space); mask: the brain/body mask (uint8). slice_scores: per model slice with foreground, its
-    position in the model-space stack and its score (mean A in its mask); scan_score: mean A in the whole mask.
-    `slices` and `anomaly_stack` keep the model-space results for calibration and evaluation."""
+    position in the model-space stack, for brain-mri the height of the axial slice in the reference (Colin27/MNI)
+    space in mm (`reference_z_mm`), and its score (mean A in its mask); scan_score: mean A in the whole mask.
+    `slices` and `anomaly_stack` keep the model-space results for calibration and evaluation. `calibration`: the
+    model card's calibration section (None when the model has none), for `detections_at(flag_rate=...)`."""
 
     pseudo_healthy: Image
     anomaly: Image
@@ -32,43 +57,174 @@ class Detection:
     scan_score: float
     slices: SliceSet
     anomaly_stack: np.ndarray
+    calibration: dict | None = None
 
-    def detections_at(self, threshold: float) -> Image:
-        """Label map (uint8, 1 = flagged) of the pixels with A >= threshold inside the mask, on the input grid."""
+    def threshold_at(self, flag_rate: float | None = None) -> float:
+        """The threshold on A that flags `flag_rate` (0.001 to 0.2) of normal foreground pixels, from the model's
+        calibration table; None: the card's default flag rate. ModelError when the model is not calibrated."""
+        if not self.calibration:
+            raise ModelError(f"the model {NO_CALIBRATION} (detections_at(threshold=...))")
+        return threshold_for(self.calibration, flag_rate)
+
+    def detections_at(self, threshold: float | None = None, *, flag_rate: float | None = None) -> Image:
+        """Label map (uint8, 1 = flagged) of the pixels with A >= threshold inside the mask, on the input grid.
+        Give the threshold on A, or a normal flag rate (`threshold_at`); neither: the card's default flag rate.
+        Recomputed from the stored map: the network does not run again."""
+        if threshold is not None and flag_rate is not None:
+            raise ValueError("give a threshold or a flag rate, not both")
+        if threshold is None:
+            threshold = self.threshold_at(flag_rate)
         flagged = (self.anomaly.array >= threshold) & (self.mask.array > 0)
         return Image(flagged.astype(np.uint8), self.anomaly.geometry, self.anomaly.source)
 
+    def report(self, detections: Image, threshold: float, flag_rate: float | None = None) -> dict:
+        """The JSON-able summary of one detection (`ra detect`'s `_scores.json`, the Slicer panel's scores).
 
-def detect(model: RAModel, image: Image, scorer: AnomalyScorer, mask: Image | None = None, batch_size: int = 32,
-           progress: Callable[[int, int], bool | None] | None = None) -> Detection:
-    """Runs the model on every slice of `image` that holds brain/body, in batches of `batch_size`.
-    `progress(done, total)` is called after each batch; returning False cancels (raises `Cancelled`)."""
+        detections: from `detections_at(threshold)`; flag_rate: the normal flag rate the threshold came from, None
+        for a threshold given directly. Percentiles of normal (0-100) are given where the model's calibration
+        holds the distribution of normal slice or scan scores, else None. Regions: `regions.find_regions`, at most
+        MAX_REPORTED_REGIONS (the largest), `regions_total` counts them all."""
+        calibration = self.calibration or {}
+        percentile = lambda value, key: (percentile_of_normal(value, calibration[key])
+                                         if (calibration.get(key) or {}).get("quantiles") else None)
+        regions = find_regions(detections, self.anomaly)
+        in_mask = int(np.count_nonzero(self.mask.array))
+        flagged = int(np.count_nonzero(detections.array))
+        return {
+            "scan_score": self.scan_score,
+            "scan_percentile_of_normal": percentile(self.scan_score, "scan_scores"),
+            "slice_scores": [{**s, "percentile_of_normal": percentile(s["score"], "slice_scores")}
+                             for s in self.slice_scores],
+            "threshold": float(threshold),
+            "flag_rate": None if flag_rate is None else float(flag_rate),
+            "flagged_voxels": flagged,
+            "flagged_fraction_of_mask": flagged / in_mask if in_mask else 0.0,
+            "regions_total": len(regions),
+            "regions": regions[:MAX_REPORTED_REGIONS],
+            "alignment": dict(self.slices.space.alignment),
+            "notice": NOTICE,
+        }
+
+
+def scorer_for(model: RAModel) -> AnomalyScorer:
+    """The anomaly scorer with the LPIPS backbone named in the model card, on the model's device."""
+    from .lpips_weights import load_lpips
+
+    backbone = (model.card.get("lpips") or {}).get("backbone", "alex")
+    return AnomalyScorer(load_lpips(backbone, device=model.device))
+
+
+def check_input(model: RAModel, image: Image, force: bool = False) -> None:
+    """Raises ModelError when `image` is not what the model is made for: a 2D image for a brain-mri model, a volume
+    for an xray model (these cannot run at all), or a DICOM whose Modality is not the preset's (e.g. CT given to a
+    brain MRI model; `force` lets it run anyway)."""
+    preset = model.card["preset"]["name"]
+    name = image.source or "the image"
+    shape = image.array.shape
+    planar = image.array.ndim == 2 or (image.array.ndim == 3 and shape[0] == 1)
+    modality = str(image.metadata.get("modality") or "").upper()
+    expected = PRESET_MODALITIES.get(preset, ())
+    if preset == "brain-mri" and planar:
+        raise ModelError(f"{name} is a 2D image {shape} (a radiograph or a single slice), but the model is a "
+                         "brain-mri model for 3D head MRI volumes: use an xray model for radiographs")
+    if preset == "xray" and not planar:
+        raise ModelError(f"{name} is a 3D volume {shape}, but the model is an xray model for 2D radiographs: use a "
+                         "brain-mri model for head MRI, or give one 2D radiograph")
+    if modality and modality not in expected and not force:
+        raise ModelError(f"{name} is a DICOM {modality} image, but the model is a {preset} model made for "
+                         f"{'/'.join(expected)} images: pass --force (force=True) to run it anyway")
+
+
+def detect(model: RAModel, image: Image, scorer: AnomalyScorer | None = None, mask: Image | None = None,
+           batch_size: int = 32, progress: BatchProgress | None = None, *, force: bool = False) -> Detection:
+    """Detects anomalies in one scan or radiograph with its own geometry (`check_input`, then the model card's
+    preprocessing, then `detect_slices`).
+
+    image: raw intensities, (z, y, x) or (y, x), LPS geometry. scorer: None builds one from the card (`scorer_for`;
+    pass one to reuse it across scans). mask: brain/body mask (non-zero inside) on any grid for brain-mri, on the
+    image's grid for xray; None: the reference brain (brain-mri) or the whole radiograph. progress(done, total)
+    after each batch of `batch_size` slices; returning False raises `Cancelled`.
+    Raises DataError for an unusable image (empty, constant, NaN, failed alignment), ModelError for a model that
+    does not fit it."""
     validate_image(image)
-    preset = PresetConfig.from_dict(model.card["preset"])
-    slices = preprocess(image, preset, mask)
+    check_input(model, image, force)
+    slices = preprocess(image, PresetConfig.from_dict(model.card["preset"]), mask)
+    return detect_slices(model, slices, scorer or scorer_for(model), image.geometry, batch_size=batch_size,
+                         progress=progress, source=image.source)
+
+
+def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geometry: Geometry, *,
+                  batch_size: int = 32, progress: BatchProgress | None = None, source: str = "") -> Detection:
+    """Runs the network and the scorer on the model-space `slices` of one scan (those holding brain/body), in
+    batches of `batch_size` under inference mode, and maps the results onto the scan's grid; `geometry` is the
+    scan's own (LPS). See the module docstring for the memory this needs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     used = np.flatnonzero(slices.masks.reshape(len(slices), -1).any(1))
     if used.size == 0:
         raise DataError("no slice of the scan holds brain/body in the model space: check the modality and preset")
     x_ph = np.zeros_like(slices.images)
     anomaly = np.zeros_like(slices.images)
-    for start in range(0, used.size, batch_size):
-        rows = used[start:start + batch_size]
-        x = torch.from_numpy(slices.images[rows]).unsqueeze(1).to(model.device)
-        with torch.inference_mode():
+    with torch.inference_mode():
+        for start in range(0, used.size, batch_size):
+            rows = used[start:start + batch_size]
+            x = torch.from_numpy(slices.images[rows]).unsqueeze(1).to(model.device)
             rec = model.network.reconstruct(x)
-        maps = scorer.score(x, rec)
-        x_ph[rows] = rec[:, 0].float().cpu().numpy()
-        anomaly[rows] = maps.anomaly * slices.masks[rows]
-        if progress is not None and progress(min(start + batch_size, used.size), used.size) is False:
-            raise Cancelled("detection cancelled")
-    space, geometry = slices.space, image.geometry
-    # A one-slice radiograph comes back as (y, x) even if it was read as (1, y, x): keep the input's shape.
-    reshape = lambda a: a.reshape(image.array.shape)
-    anomaly_in = reshape(space.to_input_grid(anomaly, "linear", positions=slices.positions))
-    ph_in = reshape(space.to_input_intensity(space.to_input_grid(x_ph, "linear", positions=slices.positions)))
-    mask_in = reshape(space.to_input_grid(slices.masks.astype(np.uint8), "nearest", positions=slices.positions))
-    slice_scores = [{"position": int(slices.positions[i]), "score": image_score(anomaly[i], slices.masks[i])}
-                    for i in used]
-    return Detection(Image(ph_in, geometry, image.source), Image(anomaly_in, geometry, image.source),
-                     Image(mask_in, geometry, image.source), slice_scores,
-                     image_score(anomaly[used], slices.masks[used]), slices, anomaly)
+            maps = scorer.score(x, rec)
+            x_ph[rows] = rec[:, 0].float().cpu().numpy()
+            anomaly[rows] = maps.anomaly * slices.masks[rows]
+            del x, rec, maps
+            if progress is not None and progress(min(start + batch_size, used.size), used.size) is False:
+                raise Cancelled("detection cancelled")
+    space = slices.space
+    to_input = lambda stack, interpolation: space.to_input_grid(stack, interpolation, positions=slices.positions)
+    mask_in = to_input(slices.masks.astype(np.uint8), "nearest")
+    anomaly_in = to_input(anomaly, "linear") * mask_in  # linear interpolation spills over the mask's edge
+    ph_in = space.to_input_intensity(to_input(x_ph, "linear"))
+    slice_scores = [{"position": int(slices.positions[i]), **_reference_z(space, slices.positions[i]),
+                     "score": image_score(anomaly[i], slices.masks[i])} for i in used]
+    return Detection(Image(ph_in, geometry, source), Image(anomaly_in, geometry, source),
+                     Image(mask_in, geometry, source), slice_scores,
+                     image_score(anomaly[used], slices.masks[used]), slices, anomaly, model.card.get("calibration"))
+
+
+def _reference_z(space, position: int) -> dict:
+    """{"reference_z_mm": height of model slice `position` in the reference space} for brain-mri, {} otherwise."""
+    if space.kind != "brain-mri":
+        return {}
+    return {"reference_z_mm": round(float(space.geometry.origin[2] + position * space.geometry.spacing[2]), 3)}
+
+
+def detect_array(model: RAModel, array: np.ndarray, spacing=None, origin=None, direction=None,
+                 mask: np.ndarray | Image | None = None, scorer: AnomalyScorer | None = None,
+                 progress: BatchProgress | None = None, batch_size: int = 32, force: bool = False) -> Detection:
+    """Detection on a numpy scan, for scripting (`model.detect(array, spacing=..., ...)`).
+
+    array: (z, y, x) volume or (y, x) radiograph, raw intensities; a (y, x, 3|4) colour radiograph becomes grey
+    (luminance) with a warning for an xray model. spacing, origin: mm, listed (x, y, z) (or (x, y)); direction: the
+    row-major D x D matrix of the axes' directions; all in ITK's LPS convention (defaults: 1 mm, 0, identity).
+    mask: brain/body mask, an array on the same grid or an Image. Other arguments as for `detect`. Results carry
+    exactly this geometry."""
+    array = np.asarray(array)
+    colour = array.ndim == 3 and array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4
+    if colour and model.card["preset"]["name"] == "xray":
+        warnings.warn(f"a colour {array.shape} array was converted to grey (luminance 0.299 R + 0.587 G + 0.114 B)",
+                      stacklevel=2)
+        array = array[..., :3].astype(np.float64) @ LUMA
+    elif colour:
+        raise ModelError(f"the array {array.shape} looks like a colour picture, but the model is a brain-mri model "
+                         "for 3D head MRI volumes (z, y, x)")
+    dimension = array.ndim
+    try:
+        geometry = Geometry(
+            tuple(float(v) for v in np.broadcast_to(1.0 if spacing is None else spacing, dimension)),
+            tuple(float(v) for v in np.broadcast_to(0.0 if origin is None else origin, dimension)),
+            tuple(float(v) for v in (np.eye(dimension) if direction is None
+                                     else np.asarray(direction, float).reshape(dimension, dimension)).ravel()))
+    except ValueError as exc:
+        raise DataError(f"spacing, origin and direction must have {dimension} values (and {dimension}x{dimension} "
+                        f"for direction) for a {dimension}D array {array.shape}: {exc}") from None
+    image = Image(np.asarray(array, dtype=np.float32), geometry, "the array")
+    if mask is not None and not isinstance(mask, Image):
+        mask = Image(np.asarray(mask), geometry, "the mask")
+    return detect(model, image, scorer, mask, batch_size=batch_size, progress=progress, force=force)

@@ -1,0 +1,254 @@
+"""`ra detect`: anomaly detection on scans or radiographs with a trained (and calibrated) model.
+
+Writes, per input, into --out, in the input's format where it can hold them (NRRD stays NRRD, MetaImage stays
+MetaImage, NIfTI, DICOM and 2D pictures give NIfTI), with the input's exact shape, spacing, origin and direction:
+<name>_pseudo_healthy (the reconstruction, in the input's intensity units), <name>_anomaly_map (float32),
+<name>_detections (uint8 label map, 1 = flagged), <name>_scores.json (whole-scan and per-slice scores,
+percentiles of normal, threshold and flag rate used, detected regions with size and position) and
+<name>_overlay.png. Research use only, not for diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .cli import _positive, _stop_on_signals
+from .errors import DataError, ModelError, RAError
+
+if TYPE_CHECKING:
+    from .sources import Source
+
+OUTPUTS = ("pseudo_healthy", "anomaly_map", "detections")
+
+
+def _flag_rate(text: str) -> float:
+    """A flag rate given as a fraction (0.05) or a percentage (5%), within the calibrated range."""
+    from .calibration import validate_flag_rate
+
+    number = text.strip()
+    try:
+        rate = float(number[:-1]) / 100 if number.endswith("%") else float(number)
+        return validate_flag_rate(rate)
+    except (ValueError, DataError) as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DataError) else
+                                         f"give a fraction such as 0.05 or a percentage such as 5%, not {text!r}")
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"the threshold on the anomaly map must be 0 or more, got {text}")
+    return value
+
+
+def add_detect_parser(sub) -> None:
+    p = sub.add_parser("detect", help="detect anomalies in scans or radiographs with a trained model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="scans or radiographs: image files, DICOM series folders, folders (searched recursively; a "
+                        "`<name>_mask.*` file beside an image is its brain/body mask) or a CSV with the columns "
+                        "image[,mask]")
+    p.add_argument("--model", required=True, help="model directory (or the name of a registered model)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--flag-rate", type=_flag_rate, default=None, metavar="RATE",
+                   help="share of normal brain/body pixels that would be flagged, 0.1%% to 20%% (0.001 to 0.2); the "
+                        "model's calibration turns it into a threshold (default: the model card's, normally 5%%)")
+    p.add_argument("--threshold", type=_threshold, default=None,
+                   help="threshold on the anomaly map instead of a flag rate (needed for an uncalibrated model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="compute device; auto: CUDA, then Apple MPS, then the CPU (default: auto)")
+    p.add_argument("--batch-size", type=_positive(int), default=32, help="slices per network pass (default: 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
+    p.add_argument("--force", action="store_true",
+                   help="run even when a DICOM's modality is not the model's (e.g. CT given to a brain MRI model)")
+    p.add_argument("--progress-json", default=None, metavar="PATH",
+                   help="write progress events as JSON lines to PATH ('-': standard output)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-input summary")
+    p.set_defaults(run=cmd_detect)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One input and the output files it gets."""
+
+    source: Source
+    name: str
+    out: Path
+    extension: str
+
+    def suffix(self, kind: str) -> str:
+        return {"scores": ".json", "overlay": ".png"}.get(kind, self.extension)
+
+    def path(self, kind: str) -> Path:
+        return self.out / f"{self.name}_{kind}{self.suffix(kind)}"
+
+    def paths(self) -> list[Path]:
+        return [self.path(kind) for kind in (*OUTPUTS, "scores", "overlay")]
+
+
+def cmd_detect(args) -> int:
+    from .calibration import threshold_for
+    from .detect import NO_CALIBRATION, scorer_for
+    from .devices import resolve_device
+    from .modeldir import load_model, read_card
+    from .progress import Progress
+
+    if args.flag_rate is not None and args.threshold is not None:
+        raise RAError("--flag-rate and --threshold exclude each other: give one")
+    model_dir = resolve_model(args.model)
+    card = read_card(model_dir)
+    calibration = card.get("calibration")
+    if args.threshold is None and not calibration:
+        raise ModelError(f"the model {model_dir} {NO_CALIBRATION} (--threshold)")
+    threshold = args.threshold if args.threshold is not None else threshold_for(calibration, args.flag_rate)
+    flag_rate = None if args.threshold is not None else (
+        args.flag_rate if args.flag_rate is not None else float(calibration["default_flag_rate"]))
+    jobs = plan_jobs(args.inputs, args.out)
+    existing = [p for job in jobs for p in job.paths() if p.exists()]
+    if existing and not args.overwrite:
+        raise RAError(f"{len(existing)} output file(s) exist already ({', '.join(str(p) for p in existing[:3])}"
+                      f"{', ...' if len(existing) > 3 else ''}): pass --overwrite to replace them, or choose another "
+                      "--out")
+
+    model = load_model(model_dir, device=resolve_device(args.device))
+    scorer = scorer_for(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
+    with _stop_on_signals(progress):
+        failed = _run(jobs, model, scorer, threshold, flag_rate, args, progress)
+    progress.close()
+    if progress.cancelled:
+        print("ra detect: cancelled; the outputs of the inputs finished before were kept", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"ra detect: {len(failed)} of {len(jobs)} input(s) failed (no output written for them): "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve_model(value: str) -> Path:
+    """The model directory for --model: a registered name or a path (`registry.resolve_model`)."""
+    try:
+        from .registry import resolve_model as from_registry
+    except ImportError:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"{value} is not a model directory (a folder holding model.json and model.safetensors)")
+        return path
+    return Path(from_registry(value))
+
+
+def plan_jobs(inputs: list[str], out: Path) -> list[_Job]:
+    """The inputs as jobs: CSV files are read as lists of images (and masks); the other arguments are paths, folders
+    or a glob, with `<name>_mask` files paired. Two inputs with the same name would write the same outputs: refused."""
+    from .imageio import output_format_for, split_extension
+    from .sources import list_sources
+
+    csvs = [a for a in inputs if Path(a).suffix.lower() == ".csv" and Path(a).is_file()]
+    others = [a for a in inputs if a not in csvs]
+    sources = [s for c in csvs for s in list_sources(c)]
+    if others:
+        sources += list_sources(others[0] if len(others) == 1 else others)
+    jobs, seen = [], {}
+    for source in sources:
+        name = source.image.name if source.image.is_dir() else split_extension(source.image)[0]
+        if name in seen:
+            raise DataError(f"two inputs are named {name!r} ({seen[name]} and {source.image}) and would write the "
+                            "same outputs: rename one, or detect them in separate runs with different --out")
+        seen[name] = source.image
+        jobs.append(_Job(source, name, Path(out), output_format_for(source.image)))
+    return jobs
+
+
+def _run(jobs: list[_Job], model, scorer, threshold: float, flag_rate: float | None, args, progress) -> list[str]:
+    """Detects on each input in turn; an input that fails is reported and skipped. Returns the failed inputs."""
+    from .preprocess import PresetConfig, model_grid
+
+    preset = PresetConfig.from_dict(model.card["preset"])
+    # Progress counts model slices: a fixed number per input (the model space's) whatever the input's size.
+    per_input = model_grid(preset)[0][0] if preset.name == "brain-mri" else 1
+    total = per_input * len(jobs)
+    progress.emit("start", step=0, total_steps=total, message=f"ra detect: {len(jobs)} input(s)")
+    done, failed = 0, []
+    for i, job in enumerate(jobs):
+        def batch_done(scored: int, of: int, before=i * per_input, name=job.name) -> bool:
+            return progress.emit("step", step=before + round(per_input * scored / of), total_steps=total,
+                                 message=f"{name}: {scored}/{of} slices")
+
+        try:
+            report = _detect_one(job, model, scorer, threshold, flag_rate, args, batch_done)
+        except RAError as exc:
+            if progress.cancelled:
+                break
+            failed.append(str(job.source.image))
+            print(f"ra detect: error: {job.source.image}: {exc}", file=sys.stderr)
+            outcome = "failed"
+        else:
+            done += 1
+            outcome = "done"
+            if not args.quiet:
+                percentile = report["scan_percentile_of_normal"]
+                print(f"{job.name}: scan score {report['scan_score']:.4g}"
+                      f"{f' (percentile of normal {percentile:.0f})' if percentile is not None else ''}, "
+                      f"{report['flagged_voxels']} pixels flagged at threshold {threshold:.4g} in "
+                      f"{report['regions_total']} region(s) -> {job.out / job.name}_*", file=sys.stderr)
+        if not progress.emit("step", step=(i + 1) * per_input, total_steps=total, message=f"{job.name}: {outcome}"):
+            break
+    progress.emit("error" if failed or progress.cancelled else "done", step=total, total_steps=total,
+                  message=f"{done} of {len(jobs)} input(s) done; research use only, not for diagnosis")
+    return failed
+
+
+def _detect_one(job: _Job, model, scorer, threshold: float, flag_rate: float | None, args, progress) -> dict:
+    """Detection on one input, all its outputs written; returns its scores report."""
+    from .detect import detect
+    from .imageio import read_image
+
+    image = read_image(job.source.image)
+    mask = read_image(job.source.mask, validate=False) if job.source.mask else None
+    found = detect(model, image, scorer, mask, batch_size=args.batch_size, progress=progress, force=args.force)
+    detections = found.detections_at(threshold)
+    report = {"input": str(job.source.image), "mask": str(job.source.mask) if job.source.mask else None,
+              "model": {"path": str(model.path), "name": model.card.get("name"),
+                        "preset": model.card["preset"]["name"], "weights_sha256": model.card.get("weights_sha256")},
+              **found.report(detections, threshold, flag_rate)}
+    _write_outputs(job, image, found, detections, report)
+    return report
+
+
+def _write_outputs(job: _Job, image, found, detections, report: dict) -> None:
+    """Writes the outputs of one input under temporary names and renames them only once all are written, so that
+    an input gets all its outputs or none."""
+    import numpy as np
+
+    from .imageio import write_image
+    from .overlay import overlay_png
+
+    plane = max(image.array.shape[-2:])
+    writers: dict[str, Callable[[Path], object]] = {
+        "pseudo_healthy": lambda p: write_image(found.pseudo_healthy, p, dtype=np.float32),
+        "anomaly_map": lambda p: write_image(found.anomaly, p, dtype=np.float32),
+        "detections": lambda p: write_image(detections, p, dtype=np.uint8),
+        "scores": lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
+        "overlay": lambda p: overlay_png(image, found.anomaly, detections, p, scale=max(1, min(3, 768 // plane))),
+    }
+    token = uuid.uuid4().hex[:8]
+    written = []
+    try:
+        for kind, write in writers.items():
+            final = job.path(kind)
+            temporary = final.with_name(f".{job.name}_{kind}.partial-{token}{job.suffix(kind)}")
+            written.append((temporary, final))
+            write(temporary)
+        for temporary, final in written:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
