@@ -1,0 +1,78 @@
+"""`ra calibrate`: calibrate a model's detection thresholds and score percentiles on normal scans."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .calibration import DEFAULT_FLAG_RATE, validate_flag_rate
+from .devices import DEVICE_CHOICES
+from .errors import DataError
+
+
+def flag_rate_arg(text: str) -> float:
+    """argparse type of --flag-rate: a fraction (0.05) or a percentage (5%), from 0.1% to 20%."""
+    text = text.strip()
+    try:
+        return validate_flag_rate(float(text[:-1]) / 100 if text.endswith("%") else float(text))
+    except ValueError as exc:  # DataError is a ValueError
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DataError) else
+                                         f"{text!r} is not a flag rate: give a fraction (0.05) or a percentage (5%)")
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="calibrate a model's thresholds and score percentiles on normal scans",
+        description="Run the model on normal scans held out from training and store, in its model card, a table "
+                    "that turns any flag rate (the share of normal brain/body pixels flagged, 0.1% to 20%) into a "
+                    "threshold of the anomaly map, and the distribution of normal per-slice scores (and whole-scan "
+                    "scores, from 20 scans on) so that scores are reported as percentiles of normal. The weights "
+                    "are not changed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR_OR_NAME",
+                   help="a model directory or the name of a registered model (`ra models list`)")
+    p.add_argument("--data", required=True, nargs="+", metavar="NORMALS",
+                   help="normal scans not used in training: a folder (searched recursively; `<name>_mask.*` files "
+                        "pair as brain/body masks), a glob, a CSV with columns image[,mask], or several paths")
+    p.add_argument("--flag-rate", type=flag_rate_arg, default=DEFAULT_FLAG_RATE,
+                   help="the default flag rate stored in the card, as a fraction (0.05) or a percentage (5%%); "
+                        "0.01 is the strict choice")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="auto: a CUDA GPU, then Apple MPS, then the CPU")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--progress-json", default=None, metavar="PATH",
+                   help="write progress events as JSON lines to PATH ('-': standard output)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(run=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate_model, threshold_for
+    from .cli import _stop_on_signals
+    from .progress import Progress
+    from .registry import resolve_model
+
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_dir = resolve_model(args.model)
+    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
+    try:
+        with _stop_on_signals(progress):
+            section = calibrate_model(model_dir, args.data, device=args.device, progress=progress,
+                                      batch_size=args.batch_size, flag_rate=args.flag_rate,
+                                      command=getattr(args, "command_line", None))
+    except Exception as exc:
+        progress.emit("error", message=str(exc))
+        raise
+    finally:
+        progress.close()
+    if not args.quiet:
+        scan_percentiles = ("yes" if section["scan_scores"] else
+                            f"no (fewer than {section['min_scans_for_scan_scores']} scans)")
+        print(f"calibrated {Path(model_dir)} on {len(section['scans'])} scan(s), {section['n_foreground_pixels']} "
+              f"foreground pixels ({len(section['skipped'])} skipped); whole-scan percentiles: {scan_percentiles}",
+              file=sys.stderr)
+        for rate in sorted({0.001, 0.01, section["default_flag_rate"], 0.05, 0.2}):
+            marker = "  (default)" if rate == section["default_flag_rate"] else ""
+            print(f"  flag rate {rate:6.1%}: threshold {threshold_for(section, rate):.6g}{marker}", file=sys.stderr)
+    return 0

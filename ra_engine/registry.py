@@ -1,0 +1,252 @@
+"""The model registry (ARCHITECTURE.md, "Models"): model directories in a user folder, found by name.
+
+A registered model is the folder `models_dir()/<name>` holding `model.json` and `model.safetensors`. Models are
+imported from a model folder, a .zip of one, or the URL (http, https, file) of such a .zip; an archive can be checked
+against a sha256 given by its publisher, and every model's weights are checked against the sha256 in its card before
+it is registered. Imports are atomic: a model is unpacked and checked in a hidden folder beside the others and only
+then renamed into place, so the registry never shows a half-copied or unchecked model.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from .errors import Cancelled, ModelError
+
+ENV_VAR = "RA_MODELS_DIR"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+URL_SCHEMES = ("http://", "https://", "file://")
+DownloadProgress = Callable[[int, "int | None"], "bool | None"]
+
+
+def models_dir() -> Path:
+    """The registry folder: $RA_MODELS_DIR when set, else `<user data>/ra-slicer/models` (platformdirs)."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("ra-slicer")) / "models"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ModelError(f"{name!r} is not a usable model name: use letters, digits, '.', '_' and '-' (at most 100, "
+                         f"starting with a letter or digit)")
+    return name
+
+
+def _registered() -> list[Path]:
+    folder = models_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / "model.json").is_file())
+
+
+def list_models() -> list[dict]:
+    """The registered models, by name: {"name", "path", "preset", "image_size", "parameters", "lpips", "calibrated",
+    "created"}, or {"name", "path", "problem"} for a folder whose card cannot be read. Weights are not hashed here
+    (`load_model` does that)."""
+    from .modeldir import read_card
+
+    found = []
+    for path in _registered():
+        try:
+            card = read_card(path)
+        except ModelError as exc:
+            found.append({"name": path.name, "path": str(path), "problem": str(exc)})
+            continue
+        arch = card.get("architecture") or {}
+        found.append({"name": path.name, "path": str(path), "preset": (card.get("preset") or {}).get("name"),
+                      "image_size": arch.get("image_size"), "parameters": arch.get("parameters"),
+                      "lpips": (card.get("lpips") or {}).get("backbone"), "calibrated": bool(card.get("calibration")),
+                      "created": card.get("created")})
+    return found
+
+
+def _available() -> str:
+    names = [p.name for p in _registered()]
+    return (f"registered models: {', '.join(names)}" if names else "no model is registered") + f" (in {models_dir()})"
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """The model directory meant by `name_or_path`: an existing directory wins; else the registered model of that
+    name. Raises ModelError, listing the registered names, when it is neither."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if NAME_PATTERN.fullmatch(text) and (models_dir() / text / "model.json").is_file():
+        return models_dir() / text
+    raise ModelError(f"{text} is neither a model directory nor a registered model name; {_available()}. Import a "
+                     f"model with `ra models import SOURCE`")
+
+
+def remove_model(name: str) -> Path:
+    """Removes the registered model `name` (its folder); returns the path it had."""
+    target = models_dir() / _check_name(name)
+    if not (target / "model.json").is_file():
+        raise ModelError(f"no registered model is named {name}; {_available()}")
+    trash = target.with_name(f".removing-{name}-{uuid.uuid4().hex[:8]}")
+    os.replace(target, trash)  # gone from the registry at once, even if deleting its files takes a while
+    shutil.rmtree(trash, ignore_errors=True)
+    return target
+
+
+def _normalise_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    digest = sha256.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ModelError(f"{sha256!r} is not a sha256 digest (64 hexadecimal digits)")
+    return digest
+
+
+def _verify_sha256(path: Path, expected: str | None, origin: str) -> None:
+    from .modeldir import sha256_of
+
+    if expected is not None and (actual := sha256_of(path)) != expected:
+        raise ModelError(f"{origin} does not match the sha256 given (it is {actual}, expected {expected}): the file "
+                         f"is corrupt, incomplete or not the one published; nothing was imported")
+
+
+def download(url: str, dest: Path, progress: DownloadProgress | None = None, timeout_s: float = 60.0) -> Path:
+    """Downloads `url` (http, https or file) to the file `dest`. `progress(done_bytes, total_bytes or None)` is called
+    after each block; returning False cancels (raises `Cancelled`, and `dest` is removed)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total, done = (int(length) if length and length.isdigit() else None), 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                done += len(block)
+                if progress is not None and progress(done, total) is False:
+                    raise Cancelled(f"download of {url} cancelled")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        dest.unlink(missing_ok=True)
+        raise ModelError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _unsafe_member(member: zipfile.ZipInfo) -> bool:
+    """True for a zip entry that would land outside the folder it is unpacked into (an absolute path, a drive, a
+    `..`: "zip slip"), or that is a symbolic link."""
+    name = member.filename
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+    return not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or is_link
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Unpacks the zip `archive` into the folder `dest`, refusing it whole if any entry is absolute, climbs out
+    with `..`, or is a symbolic link."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            bad = [m.filename for m in zf.infolist() if _unsafe_member(m)]
+            if bad:
+                raise ModelError(f"{archive.name} holds entries that would be written outside the model folder or "
+                                 f"are links ({', '.join(bad[:5])}): the archive was refused")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as exc:
+        raise ModelError(f"{archive.name} is not a zip archive of a model directory ({exc})") from exc
+
+
+def _model_root(folder: Path, origin: str) -> Path:
+    """The model directory inside an unpacked archive: the folder itself or its one sub-folder holding model.json."""
+    cards = [p.parent for p in folder.rglob("model.json")]
+    if len(cards) != 1 or cards[0] not in (folder, *folder.iterdir()):
+        found = ", ".join(str(c.relative_to(folder)) for c in cards) or "none"
+        raise ModelError(f"{origin} must hold one model directory (model.json and model.safetensors) at its top or "
+                         f"in one folder; model.json found in: {found}")
+    return cards[0]
+
+
+def import_model(source: str | Path, name: str | None = None, sha256: str | None = None, overwrite: bool = False,
+                 progress: DownloadProgress | None = None) -> Path:
+    """Registers a model and returns its folder. source: a model directory, a .zip of one (the files at its top or
+    in one folder), or the http/https/file URL of such a .zip. name: the registry name (default: the card's name).
+    sha256: the expected sha256 of the archive (zip or download); a download without one is checked only against its
+    own card (a warning says so). The weights must match the sha256 in the card and fit its architecture. An
+    existing model of the same name is replaced only with overwrite=True. progress: see `download`."""
+    from .modeldir import load_model, read_card
+
+    text = str(source)
+    is_url = text.lower().startswith(URL_SCHEMES)
+    path = None if is_url else Path(source).expanduser()
+    expected = _normalise_sha256(sha256)
+    if path is not None and not path.exists():
+        raise ModelError(f"{source} does not exist: give a model directory, a .zip of one, or an http(s)/file URL")
+    if path is not None and path.is_dir() and expected is not None:
+        raise ModelError("--sha256 checks an archive (a .zip or a download); a model directory's weights are checked "
+                         "against the sha256 in its card")
+    if is_url and expected is None:
+        warnings.warn(f"no sha256 given for {text}: the download is checked only against its own card, which does "
+                      f"not prove where it came from", stacklevel=2)
+    if name is not None:
+        _check_name(name)
+        _refuse_existing(name, overwrite)
+    registry = models_dir()
+    registry.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=registry))
+    try:
+        if path is not None and path.is_dir():
+            read_card(path)  # a model directory, not e.g. a whole run folder, before anything is copied
+            root = staging / "model"
+            shutil.copytree(path, root, symlinks=False)
+            origin = str(path)
+        else:
+            archive = staging / "download.zip" if is_url else path
+            if is_url:
+                download(text, archive, progress)
+            origin = text
+            _verify_sha256(archive, expected, origin)
+            _unpack(archive, staging / "unpacked")
+            root = _model_root(staging / "unpacked", origin)
+        load_model(root)  # refuses weights that do not match the card's sha256 or architecture
+        card_name = read_card(root).get("name")
+        if name is None:
+            if not (isinstance(card_name, str) and NAME_PATTERN.fullmatch(card_name)):
+                raise ModelError(f"the model's card names it {card_name!r}, which is not a usable registry name: "
+                                 f"give one with --name")
+            name = card_name
+            _refuse_existing(name, overwrite)
+        return _install(root, registry / name, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _refuse_existing(name: str, overwrite: bool) -> None:
+    target = models_dir() / name
+    if target.exists() and not overwrite:
+        raise ModelError(f"a model named {name} is already registered ({target}): pass --overwrite to replace it, "
+                         f"or choose another --name")
+
+
+def _install(root: Path, target: Path, overwrite: bool) -> Path:
+    """Renames the checked model folder `root` (inside the registry folder) to `target`, replacing an existing one
+    only when `overwrite`."""
+    _refuse_existing(target.name, overwrite)  # again: another import may have finished meanwhile
+    old = None
+    if target.exists():
+        old = target.with_name(f".replaced-{target.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    try:
+        os.replace(root, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
