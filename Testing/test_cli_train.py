@@ -10,7 +10,7 @@ from ra_engine.cli import main
 from ra_engine.modeldir import sha256_of
 
 TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
-        "--lr", "1e-3", "--device", "cpu", "--quiet"]
+        "--lr", "1e-3", "--device", "cpu", "--quiet", "--no-calibrate"]
 
 
 @pytest.fixture
@@ -70,3 +70,32 @@ def test_missing_or_empty_data_is_a_clear_error_and_writes_no_run(tmp_path, caps
     assert "ra train: error:" in capsys.readouterr().err
     assert train(tmp_path / "missing", tmp_path / "run2", "--max-steps", "1") == 2
     assert not (tmp_path / "run2" / "model").exists()
+
+
+def test_training_ends_with_calibration_on_the_held_out_scans(radiographs, tmp_path, alex_safetensors, monkeypatch):
+    monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--no-calibrate"]
+    args[args.index("--image-size") + 1] = "32"
+    assert main(["train", "--data", str(radiographs), "--out", str(out), *args, "--max-steps", "2",
+                 "--val-fraction", "0.4"]) == 0
+    card = ra_engine.load_model(out / "model").card
+    held_out = card["training"]["data"]["val_sources"]
+    assert held_out and [s["path"] for s in card["calibration"]["scans"]] == held_out
+    assert card["calibration"]["thresholds"] == sorted(card["calibration"]["thresholds"], reverse=True)
+
+
+def test_without_lpips_weights_the_model_is_kept_and_the_log_says_how_to_calibrate(radiographs, tmp_path,
+                                                                                  monkeypatch):
+    from ra_engine import lpips_weights
+    from ra_engine.errors import ModelError
+
+    def offline(*args, **kwargs):
+        raise ModelError("no LPIPS weights offline")
+
+    monkeypatch.setattr(lpips_weights, "load_lpips", offline)
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--no-calibrate"]
+    assert main(["train", "--data", str(radiographs), "--out", str(out), *args, "--max-steps", "1"]) == 0
+    assert ra_engine.load_model(out / "model").card["calibration"] is None
+    assert "ra calibrate --model" in (out / "train.log").read_text()

@@ -21,10 +21,13 @@ def test_demo_trains_calibrates_and_writes_results_on_the_scans_grid(tmp_path, a
         np.testing.assert_allclose(result.geometry.spacing, scan.geometry.spacing, rtol=1e-6)
         np.testing.assert_allclose(result.geometry.origin, scan.geometry.origin, atol=1e-4)
         np.testing.assert_allclose(result.geometry.direction, scan.geometry.direction, atol=1e-6)
-    scores = json.loads((out / "test_scan_scores.json").read_text())
-    assert scores["lesion_voxels_in_mask"] > 100 and 0 <= scores["lesion_fraction_flagged"] <= 1
-    assert 0.0 < scores["normal_fraction_flagged"] < 0.5  # calibrated at 5% on another subject
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["lesion_voxels"] > 100 and 0 <= summary["lesion_fraction_flagged"] <= 1
+    assert 0.0 < summary["normal_fraction_flagged"] < 0.5  # calibrated at 5% on another subject
+    report = json.loads((out / "test_scan_scores.json").read_text())
+    assert report["threshold"] == summary["threshold"] and report["flag_rate"] == 0.05
     assert (out / "test_scan_overlay.png").stat().st_size > 1000
+    assert (out / "demo_lesion_overlay.png").stat().st_size > 1000
     card = json.loads((out / "run" / "model" / "model.json").read_text())
     assert card["calibration"]["scans"] and len(card["calibration"]["thresholds"]) == len(card["calibration"]["flag_rates"])
     assert card["training"]["steps"] == 3

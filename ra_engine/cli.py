@@ -67,6 +67,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N iterations (0: only "
                                                                      "at epoch ends and stops)")
     p.add_argument("--cache-dir", type=Path, default=None, help="slice cache folder (default RUN_DIR/cache)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="do not calibrate the detection thresholds on the held-out scans after training")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints and model in --out")
     p.add_argument("--progress-json", default=None, metavar="PATH",
@@ -96,7 +98,7 @@ def cmd_train(args) -> int:
         result, model_dir = run_training(args.data, preset, args.out, arch, config, device=args.device,
                                          workers=args.workers, resume=args.resume, overwrite=args.overwrite,
                                          val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-                                         progress=progress, command=args.command_line)
+                                         progress=progress, command=args.command_line, calibrate=args.calibrate)
     progress.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports

@@ -86,6 +86,13 @@ class RAModel:
     def arch(self) -> ArchConfig:
         return self.network.config
 
+    def detect(self, array, **kwargs):
+        """Detection on a numpy scan ((z, y, x) or (y, x)); keyword arguments as `ra_engine.detect.detect_array`
+        (spacing, origin, direction in LPS x-y-z order, mask, progress, ...). Returns a `Detection`."""
+        from .detect import detect_array
+
+        return detect_array(self, array, **kwargs)
+
 
 def read_card(directory: Path) -> dict:
     path = Path(directory) / CARD_FILE

@@ -105,9 +105,11 @@ def _fingerprint(sources, preset: PresetConfig) -> dict:
 def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config: TrainConfig, *,
                  device: str = "auto", workers: int = 0, resume: bool = False, overwrite: bool = False,
                  val_fraction: float = 0.1, cache_dir: Path | None = None, progress: Progress | None = None,
-                 command: list[str] | None = None) -> tuple[TrainResult, Path | None]:
+                 command: list[str] | None = None, calibrate: bool = True) -> tuple[TrainResult, Path | None]:
     """Trains RA on the normal scans `data` (folder, glob, CSV or list). Returns the result and the model
-    directory (None when the run was cancelled: resume it with resume=True)."""
+    directory (None when the run was cancelled: resume it with resume=True). With `calibrate`, the model's
+    detection thresholds are then calibrated on the scans held out for validation (`ra calibrate` can redo it on
+    other normal scans)."""
     out = Path(out)
     if preset.image_size != arch.image_size:
         raise RAError(f"the preset's image size {preset.image_size} differs from the model's {arch.image_size}")
@@ -142,6 +144,8 @@ def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config
         model_dir = None
         if rank == 0 and result.stopped_by != "cancelled":
             model_dir = export_model(result, out / "model", preset, config, prepared.summary, command or sys.argv)
+            if calibrate:
+                calibrate_after_training(model_dir, prepared.summary["val_sources"], torch_device, progress)
         if distributed:
             dist.barrier()
         return result, model_dir
@@ -212,6 +216,22 @@ def export_model(result: TrainResult, model_dir: Path, preset: PresetConfig, con
     save_model_dir(model_dir, ckpt["model"], ArchConfig.from_dict(ckpt["arch"]), card)
     log.info("model written to %s", model_dir)
     return model_dir
+
+
+def calibrate_after_training(model_dir: Path, held_out: list[str], device: torch.device, progress: Progress) -> None:
+    """Calibrates on the held-out normal scans; when that cannot be done here (no LPIPS weights offline, too few
+    pixels, images too small for the LPIPS network), the model stays as written and the log says how to calibrate
+    it later."""
+    from .calibration import calibrate_model
+
+    try:
+        calibrate_model(model_dir, held_out, device=str(device), progress=progress)
+        log.info("calibrated on %d held-out scan(s)", len(held_out))
+    except Exception as exc:  # the trained model is already written: a failed post-step must not lose it
+        message = (f"the model was not calibrated ({exc}); calibrate it with `ra calibrate --model {model_dir} "
+                   f"--data NORMAL_SCANS` before detection")
+        log.warning(message)
+        progress.emit("error", message=message)
 
 
 def _store_progress(progress: Progress):
