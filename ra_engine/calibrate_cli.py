@@ -5,19 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .calibration import DEFAULT_FLAG_RATE, validate_flag_rate
-from .devices import DEVICE_CHOICES
-from .errors import DataError
-
-
-def flag_rate_arg(text: str) -> float:
-    """argparse type of --flag-rate: a fraction (0.05) or a percentage (5%), from 0.1% to 20%."""
-    text = text.strip()
-    try:
-        return validate_flag_rate(float(text[:-1]) / 100 if text.endswith("%") else float(text))
-    except ValueError as exc:  # DataError is a ValueError
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DataError) else
-                                         f"{text!r} is not a flag rate: give a fraction (0.05) or a percentage (5%)")
+from .calibration import DEFAULT_FLAG_RATE
+from .cli_args import add_device_option, add_progress_options, flag_rate, positive, stop_on_signals
 
 
 def add_calibrate_parser(sub) -> None:
@@ -34,30 +23,24 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="NORMALS",
                    help="normal scans not used in training: a folder (searched recursively; `<name>_mask.*` files "
                         "pair as brain/body masks), a glob, a CSV with columns image[,mask], or several paths")
-    p.add_argument("--flag-rate", type=flag_rate_arg, default=DEFAULT_FLAG_RATE,
+    p.add_argument("--flag-rate", type=flag_rate, default=DEFAULT_FLAG_RATE,
                    help="the default flag rate stored in the card, as a fraction (0.05) or a percentage (5%%); "
                         "0.01 is the strict choice")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                   help="auto: a CUDA GPU, then Apple MPS, then the CPU")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
-    p.add_argument("--progress-json", default=None, metavar="PATH",
-                   help="write progress events as JSON lines to PATH ('-': standard output)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_device_option(p)
+    p.add_argument("--batch-size", type=positive(int), default=32, help="slices per forward pass")
+    add_progress_options(p, quiet_help="no progress bar and no summary")
     p.set_defaults(run=cmd_calibrate)
 
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate_model, threshold_for
-    from .cli import _stop_on_signals
     from .progress import Progress
     from .registry import resolve_model
 
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
     model_dir = resolve_model(args.model)
     progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
     try:
-        with _stop_on_signals(progress):
+        with stop_on_signals(progress):
             section = calibrate_model(model_dir, args.data, device=args.device, progress=progress,
                                       batch_size=args.batch_size, flag_rate=args.flag_rate,
                                       command=getattr(args, "command_line", None))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
+from .cli_args import add_device_option, add_progress_options, positive, stop_on_signals
 from .errors import RAError
 
 PAPER = "paper default"
@@ -17,16 +17,6 @@ def _widths(text: str) -> tuple[int, ...]:
         return tuple(int(w) for w in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, e.g. 64,128,256,512,512; got {text!r}")
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
 
 
 def add_train_parser(sub) -> None:
@@ -44,15 +34,15 @@ def add_train_parser(sub) -> None:
                    help="brain-mri: align to the bundled reference head, brain only, axial slices; xray: 2D "
                         "radiographs, 98th-percentile scaling, padded square")
     p.add_argument("--out", required=True, type=Path, help="run folder (refused if it exists, unless --resume/--overwrite)")
-    p.add_argument("--epochs", type=_positive(int), default=1500)
-    p.add_argument("--max-steps", type=_positive(int), default=None,
+    p.add_argument("--epochs", type=positive(int), default=1500)
+    p.add_argument("--max-steps", type=positive(int), default=None,
                    help="stop after this many iterations in all (the run stays resumable)")
-    p.add_argument("--batch-size", type=_positive(int), default=8, help="global batch, split over torchrun processes")
-    p.add_argument("--lr", type=_positive(float), default=5e-5, help="Adam learning rate of both halves (constant)")
-    p.add_argument("--patience", type=_positive(int), default=500, help="early stopping: epochs without a better "
+    p.add_argument("--batch-size", type=positive(int), default=8, help="global batch, split over torchrun processes")
+    p.add_argument("--lr", type=positive(float), default=5e-5, help="Adam learning rate of both halves (constant)")
+    p.add_argument("--patience", type=positive(int), default=500, help="early stopping: epochs without a better "
                                                                         "validation reconstruction error")
-    p.add_argument("--image-size", type=_positive(int), default=128)
-    p.add_argument("--latent-dim", type=_positive(int), default=128)
+    p.add_argument("--image-size", type=positive(int), default=128)
+    p.add_argument("--latent-dim", type=positive(int), default=128)
     p.add_argument("--widths", type=_widths, default=(64, 128, 256, 512, 512),
                    help="encoder widths, one stage each (the bottleneck is image size / 2^stages)")
     p.add_argument("--batchnorm", choices=("reference", "batch"), default="reference",
@@ -60,7 +50,7 @@ def add_train_parser(sub) -> None:
                         "trained); batch: batch statistics")
     p.add_argument("--sync-batchnorm", action="store_true", help="with --batchnorm batch under torchrun on GPUs")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=2109)
     p.add_argument("--workers", type=int, default=0, help="processes that preprocess scans into the slice cache")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of whole scans held out for validation")
@@ -71,9 +61,7 @@ def add_train_parser(sub) -> None:
                    help="do not calibrate the detection thresholds on the held-out scans after training")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints and model in --out")
-    p.add_argument("--progress-json", default=None, metavar="PATH",
-                   help="write progress events as JSON lines to PATH ('-': standard output)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_options(p)
     p.set_defaults(run=cmd_train)
 
 
@@ -94,7 +82,7 @@ def cmd_train(args) -> int:
                          amp=args.amp, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                          augment=AugmentConfig(flip=preset.flip))
     progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
-    with _stop_on_signals(progress):
+    with stop_on_signals(progress):
         result, model_dir = run_training(args.data, preset, args.out, arch, config, device=args.device,
                                          workers=args.workers, resume=args.resume, overwrite=args.overwrite,
                                          val_fraction=args.val_fraction, cache_dir=args.cache_dir,
@@ -108,29 +96,6 @@ def cmd_train(args) -> int:
         return 130 if result.stopped_by == "cancelled" else 0
     print(f"model written to {model_dir}", file=sys.stderr)
     return 0
-
-
-class _stop_on_signals:
-    """SIGINT/SIGTERM ask the job to stop cleanly at the next iteration (a checkpoint is written); a second
-    SIGINT interrupts at once."""
-
-    def __init__(self, progress):
-        self.progress = progress
-
-    def _handle(self, signum, frame):
-        if self.progress.cancelled and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        print("\nstopping after this iteration (press Ctrl-C again to abort at once)", file=sys.stderr)
-        self.progress.cancel()
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
