@@ -5,7 +5,8 @@ MetaImage, NIfTI, DICOM and 2D pictures give NIfTI), with the input's exact shap
 <name>_pseudo_healthy (the reconstruction, in the input's intensity units), <name>_anomaly_map (float32),
 <name>_detections (uint8 label map, 1 = flagged), <name>_scores.json (whole-scan and per-slice scores,
 percentiles of normal, threshold and flag rate used, detected regions with size and position) and
-<name>_overlay.png. Research use only, not for diagnosis.
+<name>_overlay.png. Under torchrun (torchrun --nproc-per-node N -m ra_engine.cli detect ...) the inputs are shared
+among the processes, one GPU each, and each input's outputs are written once. Research use only, not for diagnosis.
 """
 from __future__ import annotations
 
@@ -18,26 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .cli import _positive, _stop_on_signals
+from .cli_args import add_device_option, add_progress_options, flag_rate, positive, stop_on_signals
 from .errors import DataError, ModelError, RAError
 
 if TYPE_CHECKING:
     from .sources import Source
 
 OUTPUTS = ("pseudo_healthy", "anomaly_map", "detections")
-
-
-def _flag_rate(text: str) -> float:
-    """A flag rate given as a fraction (0.05) or a percentage (5%), within the calibrated range."""
-    from .calibration import validate_flag_rate
-
-    number = text.strip()
-    try:
-        rate = float(number[:-1]) / 100 if number.endswith("%") else float(number)
-        return validate_flag_rate(rate)
-    except (ValueError, DataError) as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DataError) else
-                                         f"give a fraction such as 0.05 or a percentage such as 5%, not {text!r}")
 
 
 def _threshold(text: str) -> float:
@@ -56,20 +44,17 @@ def add_detect_parser(sub) -> None:
                         "image[,mask]")
     p.add_argument("--model", required=True, help="model directory (or the name of a registered model)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    p.add_argument("--flag-rate", type=_flag_rate, default=None, metavar="RATE",
+    p.add_argument("--flag-rate", type=flag_rate, default=None, metavar="RATE",
                    help="share of normal brain/body pixels that would be flagged, 0.1%% to 20%% (0.001 to 0.2); the "
                         "model's calibration turns it into a threshold (default: the model card's, normally 5%%)")
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="threshold on the anomaly map instead of a flag rate (needed for an uncalibrated model)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="compute device; auto: CUDA, then Apple MPS, then the CPU (default: auto)")
-    p.add_argument("--batch-size", type=_positive(int), default=32, help="slices per network pass (default: 32)")
+    add_device_option(p)
+    p.add_argument("--batch-size", type=positive(int), default=32, help="slices per network pass (default: 32)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     p.add_argument("--force", action="store_true",
                    help="run even when a DICOM's modality is not the model's (e.g. CT given to a brain MRI model)")
-    p.add_argument("--progress-json", default=None, metavar="PATH",
-                   help="write progress events as JSON lines to PATH ('-': standard output)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-input summary")
+    add_progress_options(p, quiet_help="no progress bar and no per-input summary")
     p.set_defaults(run=cmd_detect)
 
 
@@ -93,11 +78,53 @@ class _Job:
 
 
 def cmd_detect(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process plans the same jobs and runs the checks, all refuse together,
+    and process `rank` detects on the inputs i with i % world == rank: each output is written once, by one process."""
+    group = _Group.join(args.device)
+    try:
+        return _detect_all(args, group)
+    finally:
+        group.leave()
+
+
+def _detect_all(args, group: _Group) -> int:
+    from .progress import Progress
+
+    try:
+        jobs, model, scorer, threshold, flag_rate = _prepare(args)
+        refusal = None
+    except RAError as exc:
+        refusal = exc
+    # All agree before any output is written: a process that wrote first would make the others' check of existing
+    # outputs refuse, and one that refused alone would leave the others waiting for it.
+    group.agree(refusal)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lead = group.rank == 0
+    progress = Progress(args.progress_json if lead else None,
+                        bar=lead and not args.quiet and args.progress_json != "-")
+    with stop_on_signals(progress):
+        failed, cancelled = _run(jobs, model, scorer, threshold, flag_rate, args, progress, group)
+    progress.close()
+    group.barrier()
+    if cancelled:
+        if lead:
+            print("ra detect: cancelled; the outputs of the inputs finished before were kept", file=sys.stderr)
+        return 130
+    if failed:
+        if lead:
+            print(f"ra detect: {len(failed)} of {len(jobs)} input(s) failed (no output written for them): "
+                  f"{', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _prepare(args):
+    """The checks made before anything is written (options, calibration, input names, existing outputs), then the
+    model on this process's device. Returns the jobs, the model, its scorer, the threshold and the flag rate."""
     from .calibration import threshold_for
     from .detect import NO_CALIBRATION, scorer_for
     from .devices import resolve_device
     from .modeldir import load_model, read_card
-    from .progress import Progress
 
     if args.flag_rate is not None and args.threshold is not None:
         raise RAError("--flag-rate and --threshold exclude each other: give one")
@@ -115,22 +142,71 @@ def cmd_detect(args) -> int:
         raise RAError(f"{len(existing)} output file(s) exist already ({', '.join(str(p) for p in existing[:3])}"
                       f"{', ...' if len(existing) > 3 else ''}): pass --overwrite to replace them, or choose another "
                       "--out")
-
     model = load_model(model_dir, device=resolve_device(args.device))
-    scorer = scorer_for(model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
-    with _stop_on_signals(progress):
-        failed = _run(jobs, model, scorer, threshold, flag_rate, args, progress)
-    progress.close()
-    if progress.cancelled:
-        print("ra detect: cancelled; the outputs of the inputs finished before were kept", file=sys.stderr)
-        return 130
-    if failed:
-        print(f"ra detect: {len(failed)} of {len(jobs)} input(s) failed (no output written for them): "
-              f"{', '.join(failed)}", file=sys.stderr)
-        return 2
-    return 0
+    return jobs, model, scorer_for(model), threshold, flag_rate
+
+
+class _Group:
+    """The torchrun process group `ra detect` runs in (`ra_engine.training.init_distributed`), or a single process:
+    rank 0 of 1, where every collective is a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1, owned: bool = False):
+        self.rank, self.world, self._owned = rank, world, owned
+
+    @classmethod
+    def join(cls, device: str) -> _Group:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        from .training import init_distributed
+
+        joined_before = dist.is_initialized()
+        if not init_distributed(device):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size(), owned=not joined_before)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def leave(self) -> None:
+        if self._owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owned = False
+
+    def gather(self, value) -> list:
+        """`value` of every process, in rank order."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def total(self, *counts: int) -> list[int]:
+        """The sums over the processes of `counts`."""
+        if not self.distributed:
+            return list(counts)
+        return [sum(column) for column in zip(*self.gather(list(counts)))]
+
+    def agree(self, refusal: RAError | None) -> None:
+        """Raises on every process when any refused (its own refusal, else the first other's)."""
+        refusals = self.gather(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        for rank, message in enumerate(refusals):
+            if message is not None:
+                raise RAError(f"process {rank} of {self.world} refused: {message}")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 def resolve_model(value: str) -> Path:
@@ -167,43 +243,67 @@ def plan_jobs(inputs: list[str], out: Path) -> list[_Job]:
     return jobs
 
 
-def _run(jobs: list[_Job], model, scorer, threshold: float, flag_rate: float | None, args, progress) -> list[str]:
-    """Detects on each input in turn; an input that fails is reported and skipped. Returns the failed inputs."""
+def _run(jobs: list[_Job], model, scorer, threshold: float, flag_rate: float | None, args, progress,
+         group: _Group | None = None) -> tuple[list[str], bool]:
+    """Detects on each input of this process in turn (all of them in a single process; under torchrun the inputs i
+    with i % world == rank, in rounds of one input per process); an input that fails is reported and skipped.
+    Returns the failed inputs of all processes and whether the run was cancelled (on any process)."""
     from .preprocess import PresetConfig, model_grid
 
+    group = group or _Group()
+    world = group.world
     preset = PresetConfig.from_dict(model.card["preset"])
     # Progress counts model slices: a fixed number per input (the model space's) whatever the input's size.
+    # Under torchrun, rank 0 reports: within a round its own input's slices, after each round all processes' inputs.
     per_input = model_grid(preset)[0][0] if preset.name == "brain-mri" else 1
     total = per_input * len(jobs)
-    progress.emit("start", step=0, total_steps=total, message=f"ra detect: {len(jobs)} input(s)")
-    done, failed = 0, []
-    for i, job in enumerate(jobs):
-        def batch_done(scored: int, of: int, before=i * per_input, name=job.name) -> bool:
-            return progress.emit("step", step=before + round(per_input * scored / of), total_steps=total,
-                                 message=f"{name}: {scored}/{of} slices")
+    processes = f" on {world} processes" if group.distributed else ""
+    progress.emit("start", step=0, total_steps=total, message=f"ra detect: {len(jobs)} input(s){processes}")
+    done, failed, cancelled = 0, [], False
+    for first in range(0, len(jobs), world):
+        i = first + group.rank
+        job = jobs[i] if i < len(jobs) else None
+        outcome = "idle"
+        if job is not None and not cancelled:
+            def batch_done(scored: int, of: int, before=first * per_input, name=job.name) -> bool:
+                return progress.emit("step", step=before + round(per_input * scored / of), total_steps=total,
+                                     message=f"{name}: {scored}/{of} slices")
 
-        try:
-            report = _detect_one(job, model, scorer, threshold, flag_rate, args, batch_done)
-        except RAError as exc:
-            if progress.cancelled:
+            try:
+                report = _detect_one(job, model, scorer, threshold, flag_rate, args, batch_done)
+            except RAError as exc:
+                if progress.cancelled:
+                    cancelled = True
+                else:
+                    failed.append((i, str(job.source.image)))
+                    print(f"ra detect: error: {job.source.image}: {exc}", file=sys.stderr)
+                    outcome = "failed"
+            else:
+                done += 1
+                outcome = "done"
+                if not args.quiet:
+                    percentile = report["scan_percentile_of_normal"]
+                    print(f"{job.name}: scan score {report['scan_score']:.4g}"
+                          f"{f' (percentile of normal {percentile:.0f})' if percentile is not None else ''}, "
+                          f"{report['flagged_voxels']} pixels flagged at threshold {threshold:.4g} in "
+                          f"{report['regions_total']} region(s) -> {job.out / job.name}_*", file=sys.stderr)
+        if cancelled:
+            if not group.distributed:
                 break
-            failed.append(str(job.source.image))
-            print(f"ra detect: error: {job.source.image}: {exc}", file=sys.stderr)
-            outcome = "failed"
-        else:
-            done += 1
-            outcome = "done"
-            if not args.quiet:
-                percentile = report["scan_percentile_of_normal"]
-                print(f"{job.name}: scan score {report['scan_score']:.4g}"
-                      f"{f' (percentile of normal {percentile:.0f})' if percentile is not None else ''}, "
-                      f"{report['flagged_voxels']} pixels flagged at threshold {threshold:.4g} in "
-                      f"{report['regions_total']} region(s) -> {job.out / job.name}_*", file=sys.stderr)
-        if not progress.emit("step", step=(i + 1) * per_input, total_steps=total, message=f"{job.name}: {outcome}"):
+        finished = min(first + world, len(jobs))
+        message = f"{job.name}: {outcome}" if not group.distributed else f"{finished} of {len(jobs)} input(s)"
+        if not progress.emit("step", step=finished * per_input, total_steps=total, message=message):
+            cancelled = True
+        if group.distributed:  # every process takes part in every round, so that all stop at the same one
+            cancelled = group.total(int(cancelled))[0] > 0
+        if cancelled:
             break
-    progress.emit("error" if failed or progress.cancelled else "done", step=total, total_steps=total,
+    done, cancelled = group.total(done, int(cancelled or progress.cancelled))  # a signal after the last round too
+    cancelled = cancelled > 0
+    failed = [image for _, image in sorted(pair for pairs in group.gather(failed) for pair in pairs)]
+    progress.emit("error" if failed or cancelled else "done", step=total, total_steps=total,
                   message=f"{done} of {len(jobs)} input(s) done; research use only, not for diagnosis")
-    return failed
+    return failed, cancelled
 
 
 def _detect_one(job: _Job, model, scorer, threshold: float, flag_rate: float | None, args, progress) -> dict:
