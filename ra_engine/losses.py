@@ -61,6 +61,15 @@ def embedding_loss(features_x: list[torch.Tensor], features_r: list[torch.Tensor
 Backward = Callable[[torch.Tensor], None]
 
 
+def _backpropagate_now(part: torch.Tensor, backward: Backward | None) -> torch.Tensor:
+    """With `backward`, backpropagates one part of a step's loss at once (freeing its graph) and returns its value
+    detached; without, returns the part unchanged for the caller's single backward."""
+    if backward is None:
+        return part
+    backward(part)
+    return part.detach()
+
+
 def _introspect(encode: Encode, decode: Decode, x_gen: torch.Tensor, noise: Noise | None, detach_z: bool):
     """Re-encodes a generated image stochastically and decodes it again: (mu, logvar, D(E(x_gen)))."""
     mu, logvar, features = encode(x_gen)
@@ -86,9 +95,7 @@ def encoder_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, z_p: torc
     mu_f, logvar_f, _, rec_f = _introspect(encode, decode, x_f, noise, detach_z=False)
     exp_elbo_fake = exp_elbo(x_f, rec_f, mu_f, logvar_f, s, w)
     fake_part = w.exp_elbo * exp_elbo_fake
-    if backward is not None:
-        backward(fake_part)
-        fake_part = fake_part.detach()
+    fake_part = _backpropagate_now(fake_part, backward)
 
     mu, logvar, features_x = encode(x)
     z = reparameterize(mu, logvar, noise)
@@ -101,9 +108,7 @@ def encoder_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, z_p: torc
     exp_elbo_rec = exp_elbo(x_r_in, rec_r, mu_r, logvar_r, s, w)
     emb = embedding_loss(features_x, features_r)
     real_part = elbo_real + w.exp_elbo * exp_elbo_rec + w.embedding * emb
-    if backward is not None:
-        backward(real_part)
-        real_part = real_part.detach()
+    real_part = _backpropagate_now(real_part, backward)
 
     loss = real_part + fake_part
     terms = {"enc_rec": rec, "enc_kl": kl, "exp_elbo_rec": exp_elbo_rec, "exp_elbo_fake": exp_elbo_fake,
@@ -126,9 +131,7 @@ def decoder_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, z: torch.
     kl_fake = kl_per_sample(mu_f, logvar_f).mean()
     rec_fake = sse_per_sample(x_f.detach(), rec_f).mean()
     fake_part = s * (0.5 * w.beta_kl * kl_fake + 0.5 * w.gamma_r * w.beta_rec * rec_fake)
-    if backward is not None:
-        backward(fake_part)
-        fake_part = fake_part.detach()
+    fake_part = _backpropagate_now(fake_part, backward)
 
     x_r = decode(z)
     mu_r, logvar_r, _, rec_r = _introspect(encode, decode, x_r, noise, detach_z=True)
@@ -136,9 +139,7 @@ def decoder_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, z: torch.
     kl_rec = kl_per_sample(mu_r, logvar_r).mean()
     rec_rec = sse_per_sample(x_r.detach(), rec_r).mean()
     real_part = s * (w.beta_rec * rec + 0.5 * w.beta_kl * kl_rec + 0.5 * w.gamma_r * w.beta_rec * rec_rec)
-    if backward is not None:
-        backward(real_part)
-        real_part = real_part.detach()
+    real_part = _backpropagate_now(real_part, backward)
 
     loss = real_part + fake_part
     terms = {"dec_rec": rec, "dec_kl_rec": kl_rec, "dec_kl_fake": kl_fake, "dec_rec_rec": rec_rec,
