@@ -33,10 +33,12 @@ def find_regions(detections: Image, anomaly: Image | None = None) -> list[dict]:
     centroids = centroids[:, ::-1] / counts[:, None]  # (x, y, z) index order
     points = np.asarray(geometry.origin) + (centroids * spacing) @ direction.T
     boxes = ndimage.find_objects(labels)
-    if anomaly is not None:
-        values = np.asarray(anomaly.array, dtype=np.float64)
-        peak = ndimage.maximum(values, labels, np.arange(1, n + 1))
-        mean = ndimage.mean(values, labels, np.arange(1, n + 1))
+    if anomaly is not None:  # statistics over the flagged voxels only: no full-size copy of the map
+        values = np.asarray(anomaly.array)[where].astype(np.float64)
+        mean = np.bincount(which, weights=values, minlength=n + 1)[1:] / counts
+        order = np.lexsort((values, which))  # by region, then value: each region's last entry is its maximum
+        last = np.r_[np.flatnonzero(np.diff(which[order])), len(order) - 1]
+        peak = values[order][last]
 
     regions = []
     for rank, k in enumerate(sorted(range(n), key=lambda k: (-counts[k], k)), start=1):
