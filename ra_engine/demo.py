@@ -36,8 +36,9 @@ def add_demo_parser(sub) -> None:
 
 
 def insert_lesion(image, centre_lps=LESION_CENTRE_LPS, radius_mm=LESION_RADIUS_MM, seed=0):
-    """A textured hyperintense sphere at `centre_lps` (mm): returns (image with lesion, lesion mask uint8), both on
-    the image's grid."""
+    """A textured hypointense sphere at `centre_lps` (mm), about a third of the surrounding tissue's intensity (a
+    CSF-like, cavity- or "black hole"-like T1 lesion): returns (image with lesion, lesion mask uint8), both on the
+    image's grid."""
     from .image import Image
 
     zz, yy, xx = np.indices(image.array.shape)
@@ -50,10 +51,9 @@ def insert_lesion(image, centre_lps=LESION_CENTRE_LPS, radius_mm=LESION_RADIUS_M
     if not mask.any():
         raise RAError(f"the lesion centre {centre_lps} lies outside the test scan (shape {image.array.shape})")
     rng = np.random.default_rng(seed)
-    bright = np.percentile(image.array[image.array > image.array.mean()], 99.5)
     texture = 1.0 + 0.1 * rng.standard_normal(image.array.shape)
     weight = np.clip((radius_mm - distance) / 2.0, 0.0, 1.0)  # a 2 mm soft edge
-    lesioned = image.array * (1 - weight) + bright * texture * weight
+    lesioned = image.array * (1 - weight) + 0.35 * image.array * texture * weight
     return Image(lesioned.astype(np.float32), image.geometry, "synthetic lesion"), mask.astype(np.uint8)
 
 
