@@ -27,7 +27,7 @@ def add_calibrate_parser(sub) -> None:
                    help="the default flag rate stored in the card, as a fraction (0.05) or a percentage (5%%); "
                         "0.01 is the strict choice")
     add_device_option(p)
-    p.add_argument("--batch-size", type=positive(int), default=32, help="slices per forward pass")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="slices per forward pass")
     add_progress_options(p, quiet_help="no progress bar and no summary")
     p.set_defaults(run=cmd_calibrate)
 

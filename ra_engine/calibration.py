@@ -150,7 +150,7 @@ def scan_fingerprint(path: Path) -> dict:
 
 
 def calibrate_model(model_dir: str | Path, sources, scorer=None, device: str = "cpu", progress=None,
-                    batch_size: int = 32, flag_rate: float = DEFAULT_FLAG_RATE, command: list[str] | None = None,
+                    batch_size: int = 8, flag_rate: float = DEFAULT_FLAG_RATE, command: list[str] | None = None,
                     max_pixels: int = MAX_PIXELS) -> dict:
     """Calibrates the model in `model_dir` on the normal scans `sources` (a folder, glob, CSV or list, as for
     training; give scans held out from training) and writes the result into its card's `calibration` section.

@@ -136,7 +136,7 @@ def check_input(model: RAModel, image: Image, force: bool = False) -> None:
 
 
 def detect(model: RAModel, image: Image, scorer: AnomalyScorer | None = None, mask: Image | None = None,
-           batch_size: int = 32, progress: BatchProgress | None = None, *, force: bool = False) -> Detection:
+           batch_size: int = 8, progress: BatchProgress | None = None, *, force: bool = False) -> Detection:
     """Detects anomalies in one scan or radiograph with its own geometry (`check_input`, then the model card's
     preprocessing, then `detect_slices`).
 
@@ -154,7 +154,7 @@ def detect(model: RAModel, image: Image, scorer: AnomalyScorer | None = None, ma
 
 
 def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geometry: Geometry, *,
-                  batch_size: int = 32, progress: BatchProgress | None = None, source: str = "") -> Detection:
+                  batch_size: int = 8, progress: BatchProgress | None = None, source: str = "") -> Detection:
     """Runs the network and the scorer on the model-space `slices` of one scan (those holding brain/body), in
     batches of `batch_size` under inference mode, and maps the results onto the scan's grid; `geometry` is the
     scan's own (LPS). See the module docstring for the memory this needs."""
@@ -197,7 +197,7 @@ def _reference_z(space, position: int) -> dict:
 
 def detect_array(model: RAModel, array: np.ndarray, spacing=None, origin=None, direction=None,
                  mask: np.ndarray | Image | None = None, scorer: AnomalyScorer | None = None,
-                 progress: BatchProgress | None = None, batch_size: int = 32, force: bool = False) -> Detection:
+                 progress: BatchProgress | None = None, batch_size: int = 8, force: bool = False) -> Detection:
     """Detection on a numpy scan, for scripting (`model.detect(array, spacing=..., ...)`).
 
     array: (z, y, x) volume or (y, x) radiograph, raw intensities; a (y, x, 3|4) colour radiograph becomes grey

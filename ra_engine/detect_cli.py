@@ -50,7 +50,7 @@ def add_detect_parser(sub) -> None:
     p.add_argument("--threshold", type=_threshold, default=None,
                    help="threshold on the anomaly map instead of a flag rate (needed for an uncalibrated model)")
     add_device_option(p)
-    p.add_argument("--batch-size", type=positive(int), default=32, help="slices per network pass (default: 32)")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="slices per network pass (default: 8; measured fastest on CPUs, see docs/BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     p.add_argument("--force", action="store_true",
                    help="run even when a DICOM's modality is not the model's (e.g. CT given to a brain MRI model)")
