@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import machine_info, maxrss_bytes, rss_bytes  # noqa: E402  (one definition for both benchmarks)
 
 SEED = 2109
 INPUTS = {
@@ -74,26 +74,6 @@ TARGETS = {"network_fraction_of_conv_throughput": 0.70, "overhead_fraction_of_ne
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def maxrss_bytes() -> int:
-    """Peak RSS of this process's own memory (VmHWM). Not ru_maxrss: Linux carries the parent's high-water mark
-    into a child across fork/vfork + exec, so a worker started by a big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class Clock:
     """Wall and process-CPU seconds of named stages; cpu_share = CPU / (wall x threads)."""
 
@@ -490,19 +470,6 @@ def conv_worker(threads: int, device: str, batch_size: int, min_time: float = 0.
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
-def machine_info(threads: int) -> dict:
-    try:
-        from bench_train import machine_info as train_machine_info
-
-        return train_machine_info(threads)
-    except ImportError:
-        import torch
-
-        return {"cpu_model": platform.processor(), "logical_cpus": os.cpu_count(), "threads": threads,
-                "torch": torch.__version__, "python": platform.python_version(),
-                "load_average_at_start": list(os.getloadavg())}
-
-
 def _env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 

@@ -74,7 +74,12 @@ def rss_bytes() -> int:
 
 
 def maxrss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak RSS of this process's own memory (VmHWM). Not ru_maxrss: Linux carries the parent's high-water mark
+    into a child across fork/vfork + exec, so a worker started by a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
