@@ -29,7 +29,7 @@ log = logging.getLogger("ra_engine.train")
 
 CHECKPOINT_FORMAT = 1
 # Options that may differ when resuming: they change when or how a run stops, not what any step computes.
-RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every", "workers")
+RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every")
 
 
 @dataclass(frozen=True)
