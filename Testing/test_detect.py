@@ -210,7 +210,7 @@ def test_batched_detection_equals_the_per_slice_path(brain, mni, mni_slices, sco
 def test_inference_runs_in_bounded_batches_without_graphs(brain, mni, mni_slices, scorer, monkeypatch):
     slices = mni_slices
     seen = []
-    reconstruct, score = brain.network.reconstruct, scorer.score
+    reconstruct, score = brain.inference_network.reconstruct, scorer.score
 
     def spy_reconstruct(x):
         seen.append((x.shape[0], torch.is_inference_mode_enabled()))
@@ -220,7 +220,7 @@ def test_inference_runs_in_bounded_batches_without_graphs(brain, mni, mni_slices
         assert not rec.requires_grad and rec.grad_fn is None
         return score(x, rec)
 
-    monkeypatch.setattr(brain.network, "reconstruct", spy_reconstruct)
+    monkeypatch.setattr(brain.inference_network, "reconstruct", spy_reconstruct)
     monkeypatch.setattr(scorer, "score", spy_score)
     found = detect_slices(brain, slices, scorer, mni.geometry, batch_size=6)
     used = int(slices.masks.any((1, 2)).sum())
@@ -233,7 +233,8 @@ def test_inference_runs_in_bounded_batches_without_graphs(brain, mni, mni_slices
 
 
 def test_detections_follow_the_calibration_without_the_network(brain, found_mni, monkeypatch):
-    monkeypatch.setattr(brain.network, "reconstruct", lambda x: pytest.fail("the network ran again"))
+    for network in (brain.network, brain.inference_network):
+        monkeypatch.setattr(network, "reconstruct", lambda x: pytest.fail("the network ran again"))
     table = brain.card["calibration"]
     assert found_mni.calibration is None  # detected before calibration: a flag rate needs a calibrated model
     with pytest.raises(ModelError, match="ra calibrate"):

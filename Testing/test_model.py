@@ -74,3 +74,26 @@ def test_reference_batchnorm_mode_keeps_running_statistics_and_uses_them():
     assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
     with pytest.raises(ValueError, match="BatchNorm mode"):
         set_batchnorm_mode(model, "frozen")
+
+
+def test_the_inference_copy_reconstructs_as_the_network_does():
+    """BatchNorm folded into the convolutions and channels-last weights change nothing but float rounding."""
+    from ra_engine.model import inference_copy
+
+    torch.manual_seed(1)
+    model = ReversedAutoEncoder(ArchConfig(image_size=64, latent_dim=16, widths=(8, 16, 32, 32)))
+    for m in model.modules():  # non-trivial statistics and affine parameters, so that folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(5, 1, 64, 64)
+    with torch.inference_mode():
+        expected = model.reconstruct(x)
+        got = fast.reconstruct(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the original is left as it was"

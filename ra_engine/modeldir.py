@@ -4,6 +4,7 @@ training, score, and reproduce the model; the sha256 of the weights guards again
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import ModelError
-from .model import ArchConfig, ReversedAutoEncoder
+from .model import ArchConfig, ReversedAutoEncoder, inference_copy
 
 CARD_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -85,6 +86,11 @@ class RAModel:
     @property
     def arch(self) -> ArchConfig:
         return self.network.config
+
+    @functools.cached_property
+    def inference_network(self) -> ReversedAutoEncoder:
+        """`network` with BatchNorm folded and channels-last weights (`model.inference_copy`), built on first use."""
+        return inference_copy(self.network)
 
     def detect(self, array, **kwargs):
         """Detection on a numpy scan ((z, y, x) or (y, x)); keyword arguments as `ra_engine.detect.detect_array`
