@@ -242,8 +242,8 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
 
     slices = clock.time("alignment_preprocess", align)
 
-    # The network and the scorer timed in place inside the real detect_slices.
-    network = model.network
+    # The network (the inference copy that detect_slices runs) and the scorer timed in place inside detect_slices.
+    network = model.inference_network
     reconstruct, score = network.reconstruct, scorer.score
 
     def timed_reconstruct(x):
@@ -414,14 +414,14 @@ def sweep_worker(model_dir: str, threads: int, device: str, batches=(1, 4, 8, 16
 
     from ra_engine.modeldir import load_model
 
-    net = load_model(model_dir, device=device).network
+    net = load_model(model_dir, device=device).inference_network  # what detection runs
     out = {"threads": torch.get_num_threads(), "seconds_per_slice": {}, "gflops": {}}
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             net.reconstruct(torch.rand(1, 1, 128, 128, device=device))
         flops = counter.get_total_flops()
         for b in batches:
-            x = torch.rand(b, 1, 128, 128, device=device)
+            x = torch.rand(b, 1, 128, 128, device=device).contiguous(memory_format=torch.channels_last)
             net.reconstruct(x)
             best = float("inf")
             for _ in range(rounds):
