@@ -11,7 +11,6 @@ results, resampling) plus a bounded amount.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +20,7 @@ import torch
 from .calibration import percentile_of_normal, threshold_for
 from .errors import Cancelled, DataError, ModelError
 from .image import Geometry, Image
-from .imageio import LUMA, validate_image
+from .imageio import to_grey, validate_image
 from .modeldir import NOTICE, RAModel
 from .preprocess import PresetConfig, SliceSet, preprocess
 from .regions import find_regions
@@ -208,9 +207,7 @@ def detect_array(model: RAModel, array: np.ndarray, spacing=None, origin=None, d
     array = np.asarray(array)
     colour = array.ndim == 3 and array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4
     if colour and model.card["preset"]["name"] == "xray":
-        warnings.warn(f"a colour {array.shape} array was converted to grey (luminance 0.299 R + 0.587 G + 0.114 B)",
-                      stacklevel=2)
-        array = array[..., :3].astype(np.float64) @ LUMA
+        array = to_grey(array, f"the {array.shape} array")
     elif colour:
         raise ModelError(f"the array {array.shape} looks like a colour picture, but the model is a brain-mri model "
                          "for 3D head MRI volumes (z, y, x)")

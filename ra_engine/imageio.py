@@ -180,12 +180,13 @@ def _from_sitk(image: sitk.Image, path: Path, metadata: dict) -> Image:
         if image.GetDimension() == 3:
             raise DataError(f"{path} is a vector-valued volume ({components} values per voxel, e.g. colour, tensor "
                             f"or displacement): extract a 3D volume with one value per voxel")
-        array = _to_grey(array, path)
+        array = to_grey(array, path)
     return Image(array.astype(np.float32, copy=False), Geometry.of(image), str(path), metadata)
 
 
-def _to_grey(array: np.ndarray, path: Path) -> np.ndarray:
-    """(y, x, c) colour pixels -> (y, x) grey: luminance of RGB(A), the grey channel of grey+alpha."""
+def to_grey(array: np.ndarray, path: Path | str) -> np.ndarray:
+    """(y, x, c) colour pixels -> (y, x) grey: luminance of RGB(A), the grey channel of grey+alpha, with a warning
+    that names `path` (the file, or what the array is)."""
     channels = array.shape[-1]
     if channels == 2:
         warnings.warn(f"{path}: grey+alpha image, the alpha channel is dropped", stacklevel=2)
@@ -259,7 +260,7 @@ def _read_dicom_file(path: Path) -> Image:
     else:
         metadata["pixel_type"] = raw.dtype.name
         if raw.ndim == 3:
-            array = _to_grey(raw, path)
+            array = to_grey(raw, path)
         else:
             array = apply_modality_lut(raw, ds)
             if photometric == "MONOCHROME1":
@@ -282,7 +283,7 @@ def _dicom_pixels_via_gdcm(path: Path, pydicom_error: Exception) -> np.ndarray:
         raise DataError(f"cannot decode the pixels of {path}: pydicom said {_reason(pydicom_error)!r}, GDCM "
                         f"said {_reason(error)!r}; convert it to an uncompressed DICOM or PNG") from error
     array = array.reshape(array.shape[-3:] if array.ndim == 4 else array.shape[-2:])  # drop the single z
-    return _to_grey(array, path) if array.ndim == 3 else array
+    return to_grey(array, path) if array.ndim == 3 else array
 
 
 def _monochrome1_to_2(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
