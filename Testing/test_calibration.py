@@ -153,7 +153,7 @@ def test_a_cancelled_or_failed_calibration_leaves_the_card_as_it_was(tmp_path, s
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ra_engine.modeldir.os.replace", fail)
+    monkeypatch.setattr("ra_engine.atomic.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         calibrate_model(model_dir, normals, scorer=scorer)
     assert (model_dir / "model.json").read_bytes() == before

