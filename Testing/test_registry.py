@@ -21,6 +21,7 @@ from ra_engine.registry import import_model, list_models, models_dir, remove_mod
 def registry(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "registry"
     monkeypatch.setenv("RA_MODELS_DIR", str(folder))
+    monkeypatch.setattr("ra_engine.registry.BUNDLED_DIR", tmp_path / "bundled")
     return folder
 
 
@@ -176,6 +177,18 @@ def test_resolve_prefers_an_existing_folder_then_a_registered_name(tmp_path, reg
     assert resolve_model("brain") == Path("brain"), "a folder of that name in the working directory wins"
     with pytest.raises(ModelError, match="registered models: brain"):
         resolve_model("unknown")
+
+
+def test_bundled_models_are_found_by_name_after_registered_ones_and_cannot_be_removed(tmp_path, registry):
+    bundled = make_model(tmp_path / "bundled" / "demo")
+    assert resolve_model("demo") == bundled
+    assert [(m["name"], m["bundled"]) for m in list_models()] == [("demo", True)]
+    with pytest.raises(ModelError, match="bundled with ra"):
+        remove_model("demo")
+    assert (bundled / "model.json").is_file()
+    import_model(make_model(tmp_path / "src", seed=1), name="demo")
+    assert resolve_model("demo") == registry / "demo", "a registered model shadows the bundled one"
+    assert [(m["name"], m["bundled"]) for m in list_models()] == [("demo", False)]
 
 
 def test_remove_deletes_the_model_and_unknown_names_are_errors(tmp_path, registry):

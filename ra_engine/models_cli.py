@@ -38,11 +38,12 @@ def cmd_list(args) -> int:
     if not models:
         print(f"no models registered in {models_dir()}; add one with `ra models import SOURCE`", file=sys.stderr)
         return 0
-    rows = [("NAME", "PRESET", "SIZE", "PARAMETERS", "LPIPS", "CALIBRATED", "CREATED")]
+    rows = [("NAME", "PRESET", "SIZE", "PARAMETERS", "LPIPS", "CALIBRATED", "CREATED", "WHERE")]
     for m in (m for m in models if "problem" not in m):
         rows.append((m["name"], m["preset"] or "?", f"{m['image_size']}px" if m["image_size"] else "?",
                      f"{m['parameters']:,}" if m["parameters"] else "?", m["lpips"] or "?",
-                     "yes" if m["calibrated"] else "no", m["created"] or "?"))
+                     "yes" if m["calibrated"] else "no", m["created"] or "?",
+                     "bundled" if m["bundled"] else "registered"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

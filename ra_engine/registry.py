@@ -5,6 +5,9 @@ imported from a model folder, a .zip of one, or the URL (http, https, file) of s
 against a sha256 given by its publisher, and every model's weights are checked against the sha256 in its card before
 it is registered. Imports are atomic: a model is unpacked and checked in a hidden folder beside the others and only
 then renamed into place, so the registry never shows a half-copied or unchecked model.
+
+Models bundled with ra (`ra_engine/resources/models/<name>`, read-only) are found by name too, after the user's
+registered models: a registered model of the same name takes precedence.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ ENV_VAR = "RA_MODELS_DIR"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 URL_SCHEMES = ("http://", "https://", "file://")
 DownloadProgress = Callable[[int, "int | None"], "bool | None"]
+BUNDLED_DIR = Path(__file__).resolve().parent / "resources" / "models"
 
 
 def models_dir() -> Path:
@@ -44,28 +48,38 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _registered() -> list[Path]:
-    folder = models_dir()
+def _model_folders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / "model.json").is_file())
 
 
+def _registered() -> list[Path]:
+    return _model_folders(models_dir())
+
+
+def _bundled() -> list[Path]:
+    """Bundled models not shadowed by a registered model of the same name."""
+    registered = {p.name for p in _registered()}
+    return [p for p in _model_folders(BUNDLED_DIR) if p.name not in registered]
+
+
 def list_models() -> list[dict]:
-    """The registered models, by name: {"name", "path", "preset", "image_size", "parameters", "lpips", "calibrated",
-    "created"}, or {"name", "path", "problem"} for a folder whose card cannot be read. Weights are not hashed here
-    (`load_model` does that)."""
+    """The registered models, then the bundled ones, by name: {"name", "path", "bundled", "preset", "image_size",
+    "parameters", "lpips", "calibrated", "created"}, or {"name", "path", "bundled", "problem"} for a folder whose
+    card cannot be read. Weights are not hashed here (`load_model` does that)."""
     from .modeldir import read_card
 
     found = []
-    for path in _registered():
+    for path, bundled in [(p, False) for p in _registered()] + [(p, True) for p in _bundled()]:
+        entry = {"name": path.name, "path": str(path), "bundled": bundled}
         try:
             card = read_card(path)
         except ModelError as exc:
-            found.append({"name": path.name, "path": str(path), "problem": str(exc)})
+            found.append({**entry, "problem": str(exc)})
             continue
         arch = card.get("architecture") or {}
-        found.append({"name": path.name, "path": str(path), "preset": (card.get("preset") or {}).get("name"),
+        found.append({**entry, "preset": (card.get("preset") or {}).get("name"),
                       "image_size": arch.get("image_size"), "parameters": arch.get("parameters"),
                       "lpips": (card.get("lpips") or {}).get("backbone"), "calibrated": bool(card.get("calibration")),
                       "created": card.get("created")})
@@ -74,18 +88,22 @@ def list_models() -> list[dict]:
 
 def _available() -> str:
     names = [p.name for p in _registered()]
-    return (f"registered models: {', '.join(names)}" if names else "no model is registered") + f" (in {models_dir()})"
+    bundled = [p.name for p in _bundled()]
+    return ((f"registered models: {', '.join(names)}" if names else "no model is registered") + f" (in {models_dir()})"
+            + (f"; bundled models: {', '.join(bundled)}" if bundled else ""))
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
     """The model directory meant by `name_or_path`: an existing directory wins; else the registered model of that
-    name. Raises ModelError, listing the registered names, when it is neither."""
+    name; else the bundled model of that name. Raises ModelError, listing the names, when it is none of these."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     text = str(name_or_path)
-    if NAME_PATTERN.fullmatch(text) and (models_dir() / text / "model.json").is_file():
-        return models_dir() / text
+    if NAME_PATTERN.fullmatch(text):
+        for folder in (models_dir(), BUNDLED_DIR):
+            if (folder / text / "model.json").is_file():
+                return folder / text
     raise ModelError(f"{text} is neither a model directory nor a registered model name; {_available()}. Import a "
                      f"model with `ra models import SOURCE`")
 
@@ -93,6 +111,9 @@ def resolve_model(name_or_path: str | Path) -> Path:
 def remove_model(name: str) -> Path:
     """Removes the registered model `name` (its folder); returns the path it had."""
     target = models_dir() / _check_name(name)
+    if not (target / "model.json").is_file() and (BUNDLED_DIR / name / "model.json").is_file():
+        raise ModelError(f"{name} is bundled with ra ({BUNDLED_DIR / name}) and cannot be removed; only registered "
+                         f"models can")
     if not (target / "model.json").is_file():
         raise ModelError(f"no registered model is named {name}; {_available()}")
     trash = target.with_name(f".removing-{name}-{uuid.uuid4().hex[:8]}")
