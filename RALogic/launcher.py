@@ -283,12 +283,13 @@ class TrainingProcess:
         return self.returncode
 
     # -- stopping ----------------------------------------------------------------------------------------------
-    def cancel(self, timeout: float = 30.0) -> None:
+    def cancel(self, timeout: float = 300.0) -> None:
         """Asks the training to stop: SIGTERM to the engine on POSIX (it finishes the current step, writes
         `checkpoints/latest.pt` and exits with 130; `resume=True` continues from there). On Windows it sends
         CTRL_BREAK_EVENT to the child's process group; the engine does not handle that signal yet, so there the run
         ends at once and only its periodic checkpoints remain. If it is still running after `timeout` seconds, its
-        whole process tree is killed. Does not block; calling it again (or on a finished or never-started process)
+        whole process tree is killed (the default leaves room for a paper-configuration step on a CPU, 10-30 s, and
+        the checkpoint). Does not block; calling it again (or on a finished or never-started process)
         does nothing."""
         with self._lock:
             if self._cancelRequested or self._process is None or self._finished.is_set():
