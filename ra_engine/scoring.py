@@ -5,6 +5,10 @@ For an image x and its pseudo-healthy reconstruction x_ph, both clamped to [0, 1
 with spatial LPIPS (grey replicated to 3 channels, [0, 1] mapped to [-1, 1]), skimage's CLAHE with its defaults, and
 a Gaussian blur of sigma 2 pixels with reflecting borders. LPIPS runs on the whole batch at once (both pairs in one
 pass); CLAHE runs per image on the CPU, exactly as skimage computes it.
+
+Score kinds (`SCORE_KINDS`): "full" is A above (the default, the method); "l1" is the plain reconstruction error
+|x - x_ph| of the clamped images, without CLAHE, LPIPS or blur, for the ablation "L1 only vs the full score". Both
+are masked, mapped back and thresholded the same way by detection.
 """
 from __future__ import annotations
 
@@ -18,17 +22,24 @@ from skimage import exposure
 from .errors import DataError
 
 
+SCORE_KINDS = {
+    "full": "A = |CLAHE(x_ph) - CLAHE(x)| * S1 * S2 (SPEC-RA.md)",
+    "l1": "|x - x_ph| (the plain reconstruction error, no CLAHE, LPIPS or blur; ablation)",
+}
+
+
 @dataclass(frozen=True)
 class ScoreMaps:
     """Maps of a batch of slices, each numpy float32 (N, H, W), axes (slice, y, x) of the model's image grid.
 
-    anomaly: A, the anomaly map (>= 0); s1, s2: the blurred LPIPS maps of the images and of their CLAHE versions;
-    clahe_x, clahe_ph: CLAHE of the input and of its reconstruction, in [0, 1]."""
+    anomaly: the anomaly map (>= 0) of the scorer's kind (A for "full"); s1, s2: the blurred LPIPS maps of the
+    images and of their CLAHE versions; clahe_x, clahe_ph: CLAHE of the input and of its reconstruction, in [0, 1].
+    The "l1" kind computes none of these four (None)."""
     anomaly: np.ndarray
-    s1: np.ndarray
-    s2: np.ndarray
-    clahe_x: np.ndarray
-    clahe_ph: np.ndarray
+    s1: np.ndarray | None
+    s2: np.ndarray | None
+    clahe_x: np.ndarray | None
+    clahe_ph: np.ndarray | None
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -73,17 +84,23 @@ def clahe(images: np.ndarray) -> np.ndarray:
 
 class AnomalyScorer:
     """Scores batches of slices against their reconstructions with an `lpips.LPIPS` network built with
-    spatial=True (see `ra_engine.lpips_weights.load_lpips`). sigma: blur in pixels of the model's grid."""
+    spatial=True (see `ra_engine.lpips_weights.load_lpips`). sigma: blur in pixels of the model's grid.
+    kind: one of `SCORE_KINDS`; "l1" needs no LPIPS network (None) and then runs on `device`."""
 
-    def __init__(self, lpips_model: torch.nn.Module, sigma: float = 2.0):
-        if not getattr(lpips_model, "spatial", False):
+    def __init__(self, lpips_model: torch.nn.Module | None, sigma: float = 2.0, kind: str = "full",
+                 device: str | torch.device = "cpu"):
+        if kind not in SCORE_KINDS:
+            raise ValueError(f"unknown score kind {kind!r}: choose one of {', '.join(SCORE_KINDS)}")
+        if kind == "full" and not getattr(lpips_model, "spatial", False):
             raise ValueError("the anomaly score needs spatial LPIPS maps: build the network with spatial=True")
-        self.lpips = lpips_model.eval()
+        self.lpips = None if lpips_model is None else lpips_model.eval()
         self.sigma = float(sigma)
+        self.kind = kind
+        self._device = torch.device(device)
 
     @property
     def device(self) -> torch.device:
-        return next(self.lpips.parameters()).device
+        return self._device if self.lpips is None else next(self.lpips.parameters()).device
 
     def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Spatial LPIPS of grey (N, 1, H, W) images in [0, 1]: (N, 1, H, W)."""
@@ -91,7 +108,7 @@ class AnomalyScorer:
 
     def score(self, x: torch.Tensor, x_ph: torch.Tensor) -> ScoreMaps:
         """x, x_ph: (N, 1, H, W) images and their pseudo-healthy reconstructions, intensities in [0, 1] (clamped
-        here), on any device. Returns the maps of SPEC-RA.md as numpy float32 (N, H, W)."""
+        here), on any device. Returns the maps of SPEC-RA.md (of the scorer's kind) as numpy float32 (N, H, W)."""
         if x.ndim != 4 or x.shape[1] != 1 or x.shape != x_ph.shape:
             raise DataError(f"the scorer takes two (N, 1, H, W) batches of the same shape; got {tuple(x.shape)} "
                             f"and {tuple(x_ph.shape)}")
@@ -99,6 +116,9 @@ class AnomalyScorer:
         with torch.inference_mode():
             x = x.detach().to(self.device, torch.float32).clamp(0, 1)
             x_ph = x_ph.detach().to(self.device, torch.float32).clamp(0, 1)
+            if self.kind == "l1":
+                anomaly = (x - x_ph).abs()[:, 0].cpu().numpy()
+                return ScoreMaps(anomaly=anomaly, s1=None, s2=None, clahe_x=None, clahe_ph=None)
             clahe_x = clahe(x[:, 0].cpu().numpy())
             clahe_ph = clahe(x_ph[:, 0].cpu().numpy())
             c_x = torch.from_numpy(clahe_x).to(self.device)[:, None]
