@@ -34,6 +34,10 @@ def add_train_parser(sub) -> None:
                    help="brain-mri: align to the bundled reference head, brain only, axial slices; xray: 2D "
                         "radiographs, 98th-percentile scaling, padded square")
     p.add_argument("--out", required=True, type=Path, help="run folder (refused if it exists, unless --resume/--overwrite)")
+    p.add_argument("--method", choices=("ra", "sivae", "vae", "ae"), default="ra",
+                   help="what to train on the same network, data and schedule: ra (Reversed Auto-Encoder); or a "
+                        "baseline for comparison: sivae (Soft-IntroVAE: RA without the reversed embedding loss), vae "
+                        "(plain VAE, one step per iteration), ae (plain auto-encoder on D(mu), no sampling, no KL)")
     p.add_argument("--epochs", type=positive(int), default=1500)
     p.add_argument("--max-steps", type=positive(int), default=None,
                    help="stop after this many iterations in all (the run stays resumable)")
@@ -77,10 +81,10 @@ def cmd_train(args) -> int:
         raise RAError("--resume and --overwrite exclude each other: choose one")
     arch = ArchConfig(image_size=args.image_size, latent_dim=args.latent_dim, widths=args.widths)
     preset = preset_config(args.preset, image_size=args.image_size)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         patience=args.patience, batchnorm=args.batchnorm, sync_batchnorm=args.sync_batchnorm,
-                         amp=args.amp, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                         augment=AugmentConfig(flip=preset.flip))
+    config = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, patience=args.patience, batchnorm=args.batchnorm,
+                         sync_batchnorm=args.sync_batchnorm, amp=args.amp, max_steps=args.max_steps,
+                         checkpoint_every=args.checkpoint_every, augment=AugmentConfig(flip=preset.flip))
     progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
     with stop_on_signals(progress):
         result, model_dir = run_training(args.data, preset, args.out, arch, config, device=args.device,
@@ -109,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate_cli import add_calibrate_parser
     from .demo import add_demo_parser
     from .detect_cli import add_detect_parser
+    from .eval_cli import add_eval_parser
     from .models_cli import add_models_parser
 
     add_train_parser(sub)
     add_detect_parser(sub)
     add_calibrate_parser(sub)
+    add_eval_parser(sub)
     add_models_parser(sub)
     add_demo_parser(sub)
     return parser

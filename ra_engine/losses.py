@@ -1,4 +1,5 @@
-"""The losses of RA's two-step iteration (SPEC-RA.md, "Training"), each term a named quantity.
+"""The losses of RA's two-step iteration (SPEC-RA.md, "Training"), each term a named quantity, and the one-step
+losses of the plain VAE and auto-encoder baselines (the same reconstruction and KL terms, nothing introspective).
 
 Notation as in the spec: s = 1/(H*W); SSE_i is the sum of squared errors over sample i's pixels; KL_i is
 KL(q(z|x_i) || N(0, I)) summed over z; SSE and KL without an index are batch means. Images are (N, C, H, W) in [0, 1].
@@ -145,3 +146,26 @@ def decoder_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, z: torch.
     terms = {"dec_rec": rec, "dec_kl_rec": kl_rec, "dec_kl_fake": kl_fake, "dec_rec_rec": rec_rec,
              "dec_rec_fake": rec_fake, "loss_d": loss}
     return loss, terms
+
+
+def vae_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, w: LossWeights, noise: Noise | None = None
+                  ) -> tuple[torch.Tensor, dict]:
+    """L_VAE = s*(beta_rec*SSE(x, x_r) + beta_kl*KL(x)) with x_r = D(z), z = mu + sigma*eps: the ELBO term of L_E
+    alone, trained through both halves at once (the plain VAE baseline)."""
+    s = 1.0 / (x.shape[-2] * x.shape[-1])
+    mu, logvar, _ = encode(x)
+    x_r = decode(reparameterize(mu, logvar, noise))
+    rec = sse_per_sample(x, x_r).mean()
+    kl = kl_per_sample(mu, logvar).mean()
+    loss = s * (w.beta_rec * rec + w.beta_kl * kl)
+    return loss, {"rec": rec, "kl": kl, "loss": loss}
+
+
+def ae_step_loss(encode: Encode, decode: Decode, x: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, dict]:
+    """L_AE = s*beta_rec*SSE(x, D(mu)): the plain auto-encoder baseline, deterministic (no sampling, no KL; the
+    encoder's logvar output is unused)."""
+    s = 1.0 / (x.shape[-2] * x.shape[-1])
+    mu, _, _ = encode(x)
+    rec = sse_per_sample(x, decode(mu)).mean()
+    loss = s * w.beta_rec * rec
+    return loss, {"rec": rec, "loss": loss}

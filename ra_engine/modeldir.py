@@ -24,6 +24,13 @@ CARD_FILE = "model.json"
 NOTICE = "Research use only, not for diagnosis."
 
 
+def card_notice(method: str) -> str:
+    """The card's notice: a model trained by a baseline method (card "method" other than "ra") says it is not RA."""
+    if method == "ra":
+        return NOTICE
+    return f"Baseline for comparison (method {method!r}), not a Reversed Auto-Encoder (RA). {NOTICE}"
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,8 +47,8 @@ def write_card(directory: Path, card: dict) -> None:
 
 def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: ArchConfig, card: dict) -> dict:
     """Writes weights and card into `directory` (created); returns the card as written. `card` holds the
-    caller's sections (preset, training, lpips, calibration, metrics); architecture, checksum, version, notice and
-    date are filled in here."""
+    caller's sections (method, preset, training, lpips, calibration, metrics); architecture, checksum, version, notice
+    and date are filled in here. A card without "method" is RA's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -55,7 +62,7 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: A
         "weights_sha256": sha256_of(directory / WEIGHTS_FILE),
         "software": {"ra_engine": __version__, "torch": torch.__version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "notice": NOTICE,
+        "notice": card_notice(card.get("method", "ra")),
     }
     write_card(directory, full)
     return full

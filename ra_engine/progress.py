@@ -71,7 +71,7 @@ class Progress:
                              desc=record.get("message", "") or "")
         self._bar.n = record["step"]
         losses = record.get("losses") or {}
-        shown = {k: f"{v:.4g}" for k, v in losses.items() if k in ("loss_e", "loss_d")}
+        shown = {k: f"{v:.4g}" for k, v in losses.items() if k in ("loss_e", "loss_d", "loss")}
         if record.get("val_loss") is not None:
             shown["val"] = f"{record['val_loss']:.4g}"
         self._bar.set_postfix(shown, refresh=False)

@@ -4,13 +4,17 @@ and data-parallel training under `torchrun` (SPEC-RA.md, "Training").
 Every random draw of an iteration (augmentation, z_p, the eps of each reparameterisation) comes from a generator
 seeded with (seed, global step), and each rank draws the whole global batch's numbers and keeps its own share. So
 a run resumed from any step, or split over N processes, draws exactly what one uninterrupted process would.
+
+`TrainConfig.method` chooses what is trained: RA, or one of the baselines of the benchmark on the same network,
+data, image size and iterations (`METHODS`). Validation, checkpoints, resume and detection (x_ph = D(mu)) are the
+same for all.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,8 @@ from torch import nn
 from .augment import AugmentConfig, augment, draw_params
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import DataError, RAError
-from .losses import LossWeights, decoder_step_loss, encoder_step_loss, sse_per_sample
+from .losses import (LossWeights, ae_step_loss, decoder_step_loss, encoder_step_loss, sse_per_sample,
+                     vae_step_loss)
 from .model import ArchConfig, ReversedAutoEncoder, set_batchnorm_mode
 from .progress import Progress
 
@@ -30,12 +35,22 @@ log = logging.getLogger("ra_engine.train")
 CHECKPOINT_FORMAT = 1
 # Options that may differ when resuming: they change when or how a run stops, not what any step computes.
 RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every")
+# What `method` trains, in one line each (written into the model card).
+METHODS = {
+    "ra": "Reversed Auto-Encoder: Soft-IntroVAE's encoder and decoder steps plus the reversed embedding loss",
+    "sivae": "Soft-IntroVAE baseline: RA's encoder and decoder steps without the reversed embedding loss (weight 0)",
+    "vae": "plain VAE baseline: one step per iteration on s*(beta_rec*SSE(x, D(z)) + beta_kl*KL) over both halves",
+    "ae": "plain auto-encoder baseline: one step per iteration on s*beta_rec*SSE(x, D(mu)); no sampling, no KL",
+}
+INTROSPECTIVE = ("ra", "sivae")  # the methods trained by RA's two-step iteration
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training options; the defaults are the paper's schedule. `batch_size` is the global batch (all ranks)."""
+    """Training options; the defaults are the paper's schedule. `batch_size` is the global batch (all ranks).
+    `method` is one of `METHODS`; "sivae" sets `weights.embedding` to 0, so the recorded weights are those used."""
 
+    method: str = "ra"
     epochs: int = 1500
     batch_size: int = 8
     lr: float = 5e-5
@@ -48,6 +63,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     weights: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.method == "sivae":
+            object.__setattr__(self, "weights", replace(self.weights, embedding=0.0))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,7 +139,8 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 def train_iteration(model: ReversedAutoEncoder, opt_e: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                     x: torch.Tensor, z_p: torch.Tensor, weights: LossWeights, noise, amp: bool = False,
                     encoder_fwd: nn.Module | None = None, decoder_fwd: nn.Module | None = None) -> dict[str, float]:
-    """One RA iteration: the encoder step (decoder frozen), then the decoder step (encoder frozen), same z and z_p.
+    """One RA or "sivae" iteration: the encoder step (decoder frozen), then the decoder step (encoder frozen), same
+    z and z_p.
 
     A frozen half has requires_grad off, so its weight gradients are never computed; gradients still pass through it.
     Each step backpropagates its two independent parts one after the other (see `encoder_step_loss`), which halves
@@ -148,6 +170,32 @@ def train_iteration(model: ReversedAutoEncoder, opt_e: torch.optim.Optimizer, op
 
 def _backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def baseline_iteration(model: ReversedAutoEncoder, opt_e: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                       x: torch.Tensor, method: str, weights: LossWeights, noise, amp: bool = False,
+                       encoder_fwd: nn.Module | None = None, decoder_fwd: nn.Module | None = None
+                       ) -> dict[str, float]:
+    """One iteration of the "vae" or "ae" baseline: one loss, one backward, both halves stepped.
+
+    The two Adam optimisers hold disjoint halves with the same settings and step together, which is exactly one
+    Adam over the whole network (Adam acts on each parameter alone); keeping two leaves checkpoints as RA's.
+    """
+    encoder_fwd = encoder_fwd or model.encoder
+    decoder_fwd = decoder_fwd or model.decoder
+    opt_e.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        if method == "vae":
+            loss, terms = vae_step_loss(encoder_fwd, decoder_fwd, x, weights, noise)
+        elif method == "ae":
+            loss, terms = ae_step_loss(encoder_fwd, decoder_fwd, x, weights)
+        else:
+            raise ValueError(f"{method!r} is not a one-step baseline (vae, ae)")
+    loss.backward()
+    opt_e.step()
+    opt_d.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def build_model(arch: ArchConfig, config: TrainConfig, device: torch.device):
@@ -253,15 +301,20 @@ class Trainer:
         ckpt = load_checkpoint(self.latest_path, map_location=self.device)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RAError(f"{self.latest_path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
-        saved, now = ckpt["config"], self.config.to_dict()
-        differences = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        saved = {"method": "ra", **ckpt["config"]}  # checkpoints from before `method` existed are RA's
+        now = self.config.to_dict()
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        differences = list(changed)
         if ckpt["arch"] != self.arch.to_dict():
             differences.append("architecture")
         if ckpt.get("meta", {}).get("data") != self.meta.get("data"):
             differences.append("training data")
         if differences:
-            raise RAError(f"cannot resume {self.latest_path}: {', '.join(differences)} differ from the checkpoint; "
-                          f"resume with the same options, or start a new run with --overwrite")
+            values = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in changed
+                               if not isinstance(now[k], dict))
+            raise RAError(f"cannot resume {self.latest_path}: {', '.join(differences)} differ from the checkpoint"
+                          f"{f' ({values})' if values else ''}; resume with the same options, or start a new run "
+                          f"with --overwrite")
         self.model.load_state_dict(ckpt["model"])
         self.opt_e.load_state_dict(ckpt["opt_e"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
@@ -325,9 +378,15 @@ class Trainer:
         cfg, state = self.config, self.state
         generator = step_generator(cfg.seed, state.step)
         x = self._batch(perm, state.step_in_epoch, generator)
-        z_p = torch.randn(cfg.batch_size, self.arch.latent_dim, generator=generator)[self.shard.rows(self.local_batch)]
-        losses = train_iteration(self.model, self.opt_e, self.opt_d, x, z_p.to(self.device), cfg.weights,
-                                 sharded_noise(generator, self.shard), cfg.amp, encoder_fwd, decoder_fwd)
+        noise = sharded_noise(generator, self.shard)
+        if cfg.method in INTROSPECTIVE:
+            z_p = torch.randn(cfg.batch_size, self.arch.latent_dim, generator=generator)
+            z_p = z_p[self.shard.rows(self.local_batch)]
+            losses = train_iteration(self.model, self.opt_e, self.opt_d, x, z_p.to(self.device), cfg.weights, noise,
+                                     cfg.amp, encoder_fwd, decoder_fwd)
+        else:
+            losses = baseline_iteration(self.model, self.opt_e, self.opt_d, x, cfg.method, cfg.weights, noise,
+                                        cfg.amp, encoder_fwd, decoder_fwd)
         if not all(math.isfinite(v) for v in losses.values()):
             raise RAError(f"training diverged at step {state.step} (losses {losses}); the last good checkpoint is "
                           f"{self.latest_path}: resume from it with a lower --lr")

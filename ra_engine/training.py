@@ -28,7 +28,7 @@ from .preprocess import PresetConfig, preprocess
 from .progress import Progress
 from .slicestore import SliceStore, split_by_scan
 from .sources import list_sources
-from .trainer import TrainConfig, Trainer, TrainResult
+from .trainer import METHODS, TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger("ra_engine")
 RUN_ARTEFACTS = ("checkpoints", "model", "train.log")
@@ -195,6 +195,8 @@ def export_model(result: TrainResult, model_dir: Path, preset: PresetConfig, con
     state = ckpt["state"]
     card = {
         "name": model_dir.parent.name,
+        "method": config.method,
+        "method_description": METHODS[config.method],
         "preset": preset.to_dict(),
         "lpips": {"backbone": "alex"},
         "training": {
