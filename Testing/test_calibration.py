@@ -17,7 +17,8 @@ from ra_engine.detect import detect
 from ra_engine.errors import Cancelled, DataError
 from ra_engine.imageio import read_image
 from ra_engine.model import ArchConfig, ReversedAutoEncoder
-from ra_engine.modeldir import load_model, save_model_dir, sha256_of
+from ra_engine.card import sha256_of
+from ra_engine.modeldir import load_model, save_model_dir
 from ra_engine.preprocess import preset_config
 from ra_engine.progress import Progress
 from ra_engine.scoring import AnomalyScorer

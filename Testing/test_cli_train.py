@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 import ra_engine
 from ra_engine.cli import main
-from ra_engine.modeldir import sha256_of
+from ra_engine.card import sha256_of
 
 TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
         "--lr", "1e-3", "--device", "cpu", "--quiet", "--no-calibrate"]

@@ -21,7 +21,8 @@ from ra_engine.image import Geometry, Image
 from ra_engine.imageio import read_image
 from ra_engine.lpips_weights import load_lpips
 from ra_engine.model import ArchConfig, ReversedAutoEncoder
-from ra_engine.modeldir import load_model, read_card, save_model_dir, write_card
+from ra_engine.card import read_card, write_card
+from ra_engine.modeldir import load_model, save_model_dir
 from ra_engine.preprocess import PresetConfig, preprocess, preset_config
 from ra_engine.regions import find_regions
 from ra_engine.scoring import AnomalyScorer

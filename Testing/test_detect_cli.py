@@ -22,7 +22,8 @@ from ra_engine.detect import detect
 from ra_engine.errors import RAError
 from ra_engine.imageio import read_image
 from ra_engine.lpips_weights import load_lpips
-from ra_engine.modeldir import load_model, read_card
+from ra_engine.card import read_card
+from ra_engine.modeldir import load_model
 from ra_engine.scoring import AnomalyScorer
 from test_detect import MNI, RESOURCES, calibrate, make_model
 

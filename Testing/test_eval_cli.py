@@ -19,7 +19,8 @@ from ra_engine.detect import detect, detect_array
 from ra_engine.eval_cli import OUTPUTS
 from ra_engine.imageio import read_image
 from ra_engine.lpips_weights import load_lpips
-from ra_engine.modeldir import load_model, read_card
+from ra_engine.card import read_card
+from ra_engine.modeldir import load_model
 from ra_engine.scoring import AnomalyScorer
 from test_detect import calibrate, make_model
 from test_detect_cli import radiograph_pixels

@@ -11,7 +11,7 @@ from ra_engine.cli import main
 from ra_engine.errors import RAError
 from ra_engine.losses import LossWeights, ae_step_loss, vae_step_loss
 from ra_engine.model import ArchConfig, ReversedAutoEncoder, set_batchnorm_mode
-from ra_engine.modeldir import NOTICE, card_notice
+from ra_engine.card import NOTICE, card_notice
 from ra_engine.progress import Progress
 from ra_engine.trainer import METHODS, TrainConfig, Trainer, baseline_iteration
 

@@ -184,7 +184,8 @@ def make_model(directory: Path, preset_name: str, calibrate_on: Path) -> None:
     save_model_dir(directory, network.state_dict(), arch, card)
     from ra_engine.detect import detect
     from ra_engine.imageio import read_image
-    from ra_engine.modeldir import load_model, read_card, write_card
+    from ra_engine.card import read_card, write_card
+    from ra_engine.modeldir import load_model
 
     found = detect(load_model(directory), read_image(calibrate_on))
     card = read_card(directory)

@@ -138,7 +138,7 @@ class PixelSample:
 def scan_fingerprint(path: Path) -> dict:
     """What identifies a calibration scan: its path, size in bytes and sha256; for a folder (a DICOM series) the
     sha256 is of the sorted list of its files' relative names and sha256s."""
-    from .modeldir import sha256_of
+    from .card import sha256_of
 
     path = Path(path).absolute()
     if path.is_file():
@@ -167,7 +167,8 @@ def calibrate_model(model_dir: str | Path, sources, scorer=None, device: str = "
     from .devices import resolve_device
     from .errors import Cancelled
     from .imageio import read_image
-    from .modeldir import load_model, read_card, write_card
+    from .card import read_card, write_card
+    from .modeldir import load_model
     from .progress import Progress
     from .sources import list_sources
 

@@ -21,7 +21,8 @@ from .calibration import percentile_of_normal, threshold_for
 from .errors import Cancelled, DataError, ModelError
 from .image import Geometry, Image
 from .imageio import to_grey, validate_image
-from .modeldir import NOTICE, RAModel
+from .card import NOTICE
+from .modeldir import RAModel
 from .preprocess import PresetConfig, SliceSet, preprocess
 from .regions import find_regions
 from .scoring import AnomalyScorer, image_score

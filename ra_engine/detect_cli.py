@@ -124,7 +124,8 @@ def _prepare(args):
     from .calibration import threshold_for
     from .detect import NO_CALIBRATION, scorer_for
     from .devices import resolve_device
-    from .modeldir import load_model, read_card
+    from .card import read_card
+    from .modeldir import load_model
 
     if args.flag_rate is not None and args.threshold is not None:
         raise RAError("--flag-rate and --threshold exclude each other: give one")

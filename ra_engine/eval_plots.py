@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write
-from .modeldir import NOTICE
+from .card import NOTICE
 
 DPI = 110
 

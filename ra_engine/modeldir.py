@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,35 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .atomic import atomic_write
+from .card import CARD_FORMAT, WEIGHTS_FILE, card_notice, read_card, sha256_of, write_card
 from .errors import ModelError
 from .model import ArchConfig, ReversedAutoEncoder, inference_copy
-
-CARD_FORMAT = 1
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
-NOTICE = "Research use only, not for diagnosis."
-
-
-def card_notice(method: str) -> str:
-    """The card's notice: a model trained by a baseline method (card "method" other than "ra") says it is not RA."""
-    if method == "ra":
-        return NOTICE
-    return f"Baseline for comparison (method {method!r}), not a Reversed Auto-Encoder (RA). {NOTICE}"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_card(directory: Path, card: dict) -> None:
-    """Writes (or rewrites, e.g. after calibration) `model.json` atomically."""
-    text = json.dumps(card, indent=2, sort_keys=False) + "\n"
-    atomic_write(Path(directory) / CARD_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
 
 def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], arch: ArchConfig, card: dict) -> dict:
     """Writes weights and card into `directory` (created); returns the card as written. `card` holds the
@@ -96,21 +68,6 @@ class RAModel:
         from .detect import detect_array
 
         return detect_array(self, array, **kwargs)
-
-
-def read_card(directory: Path) -> dict:
-    path = Path(directory) / CARD_FILE
-    if not path.is_file():
-        raise ModelError(f"{directory} is not a model directory: {CARD_FILE} is missing (a model directory holds "
-                         f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `ra train`)")
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"model card {path} cannot be read: {exc}") from exc
-    if card.get("format_version") != CARD_FORMAT:
-        raise ModelError(f"model card {path} has format {card.get('format_version')}; this version of ra reads "
-                         f"format {CARD_FORMAT}: update ra or re-export the model")
-    return card
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> RAModel:

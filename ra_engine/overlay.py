@@ -10,7 +10,7 @@ from skimage.segmentation import find_boundaries
 
 from .atomic import atomic_write
 from .image import Image
-from .modeldir import NOTICE
+from .card import NOTICE
 
 
 def axial_axis(image: Image) -> int:

@@ -68,7 +68,7 @@ def list_models() -> list[dict]:
     """The registered models, then the bundled ones, by name: {"name", "path", "bundled", "preset", "image_size",
     "parameters", "lpips", "calibrated", "created"}, or {"name", "path", "bundled", "problem"} for a folder whose
     card cannot be read. Weights are not hashed here (`load_model` does that)."""
-    from .modeldir import read_card
+    from .card import read_card
 
     found = []
     for path, bundled in [(p, False) for p in _registered()] + [(p, True) for p in _bundled()]:
@@ -132,7 +132,7 @@ def _normalise_sha256(sha256: str | None) -> str | None:
 
 
 def _verify_sha256(path: Path, expected: str | None, origin: str) -> None:
-    from .modeldir import sha256_of
+    from .card import sha256_of
 
     if expected is not None and (actual := sha256_of(path)) != expected:
         raise ModelError(f"{origin} does not match the sha256 given (it is {actual}, expected {expected}): the file "
@@ -200,7 +200,8 @@ def import_model(source: str | Path, name: str | None = None, sha256: str | None
     sha256: the expected sha256 of the archive (zip or download); a download without one is checked only against its
     own card (a warning says so). The weights must match the sha256 in the card and fit its architecture. An
     existing model of the same name is replaced only with overwrite=True. progress: see `download`."""
-    from .modeldir import load_model, read_card
+    from .card import read_card
+    from .modeldir import load_model
 
     text = str(source)
     is_url = text.lower().startswith(URL_SCHEMES)
