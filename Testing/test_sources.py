@@ -65,6 +65,15 @@ def test_list_of_files_folders_and_sources(tree):
         list_sources([tree / "b.nrrd", tree / "nope1.nii", tree / "nope2.nii"])
 
 
+def test_a_list_reads_its_csv_files_and_expands_its_patterns(tree):
+    """`ra train --data cohort.csv` or `--data 'dir/*.nii.gz'` reach list_sources as one-element lists."""
+    (tree / "cohort.csv").write_text("image,label\nb.nrrd,0\n")
+    assert list_sources([tree / "cohort.csv"]) == [Source(tree / "b.nrrd", None, 0, None)]
+    with pytest.warns(UserWarning, match="mask file"):
+        found = list_sources([str(tree / "*.nii.gz"), tree / "cohort.csv"])
+    assert found == [Source(tree / "b.nrrd", None, 0, None), Source(tree / "a.nii.gz", tree / "a_mask.nii.gz")]
+
+
 def test_csv_with_relative_paths_labels_and_types(tree):
     table = tree / "cohort.csv"
     table.write_text("\ufeffImage, mask ,label,type\n"  # a BOM and loose header spelling, as spreadsheets write

@@ -36,8 +36,8 @@ class Source:
 
 
 def list_sources(spec: str | Path | Sequence[str | Path | Source]) -> list[Source]:
-    """The sources named by `spec`: a folder, a glob pattern, a CSV file, a single image, or a list of files,
-    folders and `Source`s (taken as they are). Paths are made absolute; folder and glob results are sorted.
+    """The sources named by `spec`: a folder, a glob pattern, a CSV file, a single image, or a list of any of these
+    and of `Source`s (taken as they are). Paths are made absolute; folder and glob results are sorted.
     Raises DataError for a missing path, an empty result, or a CSV that lacks the `image` column or names missing
     files (all of them in one message)."""
     if isinstance(spec, (str, Path)):
@@ -54,7 +54,15 @@ def list_sources(spec: str | Path | Sequence[str | Path | Source]) -> list[Sourc
     else:
         given = [Source(s.image.absolute(), s.mask and s.mask.absolute(), s.label, s.type)
                  for s in spec if isinstance(s, Source)]
-        paths, where = [Path(p) for p in spec if not isinstance(p, Source)], "in the list"
+        paths, where = [], "in the list"
+        for item in (s for s in spec if not isinstance(s, Source)):
+            path = Path(item)
+            if path.is_file() and path.suffix.lower() == ".csv":
+                given += _from_csv(path)  # a CSV in a list (e.g. `ra train --data a.csv`) is read, not taken as an image
+            elif not path.exists() and glob.has_magic(str(item)):
+                paths += sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+            else:
+                paths.append(path)
         missing = [str(p) for p in paths + [s.image for s in given] if not p.exists()]
         if missing:
             raise DataError(f"{len(missing)} listed source(s) do not exist: {', '.join(missing)}")
