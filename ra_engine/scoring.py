@@ -4,7 +4,7 @@ For an image x and its pseudo-healthy reconstruction x_ph, both clamped to [0, 1
   S1 = blur(LPIPS(x, x_ph)),  S2 = blur(LPIPS(CLAHE(x), CLAHE(x_ph))),  A = |CLAHE(x_ph) - CLAHE(x)| * S1 * S2,
 with spatial LPIPS (grey replicated to 3 channels, [0, 1] mapped to [-1, 1]), skimage's CLAHE with its defaults, and
 a Gaussian blur of sigma 2 pixels with reflecting borders. LPIPS runs on the whole batch at once (both pairs in one
-pass); CLAHE runs per image on the CPU, exactly as skimage computes it.
+pass); CLAHE runs batched on the scorer's device (`clahe.clahe_torch`, equal to skimage's on the CPU).
 
 Score kinds (`SCORE_KINDS`): "full" is A above (the default, the method); "l1" is the plain reconstruction error
 |x - x_ph| of the clamped images, without CLAHE, LPIPS or blur, for the ablation "L1 only vs the full score". Both
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage import exposure
 
+from .clahe import clahe_torch
 from .errors import DataError
 
 
@@ -74,14 +74,6 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return out.reshape(n, c, h, w)
 
 
-def clahe(images: np.ndarray) -> np.ndarray:
-    """skimage `equalize_adapthist` with its defaults (kernel H/8 x W/8, clip 0.01, 256 bins), image by image.
-
-    images: (N, H, W) in [0, 1]; returns float32 (N, H, W) in [0, 1], each rescaled to its own range as skimage
-    does (a constant image becomes all ones)."""
-    return np.stack([exposure.equalize_adapthist(image).astype(np.float32, copy=False) for image in images])
-
-
 class AnomalyScorer:
     """Scores batches of slices against their reconstructions with an `lpips.LPIPS` network built with
     spatial=True (see `ra_engine.lpips_weights.load_lpips`). sigma: blur in pixels of the model's grid.
@@ -119,16 +111,15 @@ class AnomalyScorer:
             if self.kind == "l1":
                 anomaly = (x - x_ph).abs()[:, 0].cpu().numpy()
                 return ScoreMaps(anomaly=anomaly, s1=None, s2=None, clahe_x=None, clahe_ph=None)
-            clahe_x = clahe(x[:, 0].cpu().numpy())
-            clahe_ph = clahe(x_ph[:, 0].cpu().numpy())
-            c_x = torch.from_numpy(clahe_x).to(self.device)[:, None]
-            c_ph = torch.from_numpy(clahe_ph).to(self.device)[:, None]
+            # CLAHE of both batches in one call, on the scorer's device (equal to skimage's, see clahe.py).
+            c_x, c_ph = clahe_torch(torch.cat([x, x_ph])[:, 0])[:, None].split(n)
             # One LPIPS pass for both pairs: (x, x_ph) gives S1, (CLAHE(x), CLAHE(x_ph)) gives S2.
             maps = gaussian_blur(self._lpips(torch.cat([x, c_x]), torch.cat([x_ph, c_ph])), self.sigma)
-            maps = maps[:, 0].cpu().numpy()
-        s1, s2 = maps[:n], maps[n:]
-        anomaly = np.abs(clahe_ph - clahe_x) * s1 * s2
-        return ScoreMaps(anomaly=anomaly, s1=s1, s2=s2, clahe_x=clahe_x, clahe_ph=clahe_ph)
+            s1, s2 = maps[:n, 0], maps[n:, 0]
+            anomaly = (c_ph - c_x)[:, 0].abs() * s1 * s2
+            as_numpy = lambda t: t.cpu().numpy()
+            return ScoreMaps(anomaly=as_numpy(anomaly), s1=as_numpy(s1), s2=as_numpy(s2),
+                             clahe_x=as_numpy(c_x[:, 0]), clahe_ph=as_numpy(c_ph[:, 0]))
 
 
 def image_score(anomaly: np.ndarray, mask: np.ndarray | None = None) -> float:
