@@ -33,3 +33,17 @@ def test_demo_trains_calibrates_and_writes_results_on_the_scans_grid(tmp_path, a
     assert card["training"]["steps"] == 3
     assert "lesion" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 2, "an existing demo is not overwritten silently"
+
+
+def test_demo_with_the_bundled_model_flags_the_synthetic_lesion(tmp_path, alex_safetensors, monkeypatch, capsys):
+    """The README's main command as it runs by default: the bundled brain-t1-demo model, no training."""
+    monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert not (out / "run").exists(), "nothing is trained"
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["model"].endswith("brain-t1-demo")
+    assert summary["lesion_detected"] and summary["lesion_fraction_flagged"] > 0.5
+    assert summary["mean_anomaly_in_lesion"] > 2 * summary["mean_anomaly_in_normal_brain"]
+    assert summary["normal_fraction_flagged"] < 0.2
+    assert "bundled demonstration model" in capsys.readouterr().err
