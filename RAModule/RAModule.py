@@ -262,7 +262,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from RALogic.dependencies import missingDependencies
 
         parameters = self._parameterNode
-        # Without the engine's packages there is no model list yet: the button then offers their installation.
+        # Without the engine's packages the button stays usable: pressing it offers their installation.
         ready = (parameters is not None and parameters.inputVolume is not None
                  and (bool(parameters.model) or bool(missingDependencies())))
         self.ui.detectButton.enabled = ready
@@ -424,8 +424,8 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshModels(self):
         """Fills the model list from the registry (registered models, then bundled ones), keeping the choice.
-        Reading model cards needs the engine's packages: until they are installed the list stays empty and the
-        status line says what is missing."""
+        Model cards are read without torch, so the list fills before the engine's packages are installed; the
+        status line then says what is missing (only a missing platformdirs leaves the list empty)."""
         from RALogic.dependencies import dependencyMessage
 
         combo = self.ui.modelSelector
@@ -433,10 +433,14 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = dependencyMessage()
         if missing:
             self.ui.statusLabel.text = missing
+        try:
+            entries = self.models.listModels()
+        except ImportError:
+            entries = []
         self._updatingGUI = True
         try:
             combo.clear()
-            for entry in [] if missing else self.models.listModels():
+            for entry in entries:
                 label = entry["name"]
                 details = [entry["preset"]] if entry.get("preset") else []
                 if entry.get("bundled"):
