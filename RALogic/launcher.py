@@ -27,7 +27,9 @@ from ra_engine.errors import DataError, RAError
 
 EventCallback = Callable[[dict], None]
 # Arguments the launcher sets itself; `options` may not override them.
-MANAGED_OPTIONS = ("data", "preset", "out", "epochs", "max_steps", "resume", "overwrite", "progress_json", "quiet")
+MANAGED_OPTIONS = ("data", "preset", "out", "epochs", "max_steps", "resume", "overwrite", "progress_json", "quiet",
+                   "stop_file")
+STOP_FILE = ".stop"  # in the run folder: its appearance stops `ra train` cleanly (`--stop-file`), on every OS
 # Environment variables that would make the child join a torchrun job it is not part of.
 DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CANCELLED_RETURNCODE = 130  # what `ra train` returns when it stopped cleanly on a signal
@@ -133,7 +135,12 @@ class TrainingProcess:
             command.append("--resume")
         if self.overwrite:
             command.append("--overwrite")
-        return command + ["--progress-json", "-"]
+        return command + ["--progress-json", "-", "--stop-file", str(self.stopFile)]
+
+    @property
+    def stopFile(self) -> Path:
+        """The file whose appearance makes the engine stop cleanly (`ra train --stop-file`)."""
+        return self.out / STOP_FILE
 
     @property
     def command(self) -> list[str]:
@@ -284,26 +291,26 @@ class TrainingProcess:
 
     # -- stopping ----------------------------------------------------------------------------------------------
     def cancel(self, timeout: float = 300.0) -> None:
-        """Asks the training to stop: SIGTERM to the engine on POSIX (it finishes the current step, writes
-        `checkpoints/latest.pt` and exits with 130; `resume=True` continues from there). On Windows it sends
-        CTRL_BREAK_EVENT to the child's process group; the engine does not handle that signal yet, so there the run
-        ends at once and only its periodic checkpoints remain. If it is still running after `timeout` seconds, its
-        whole process tree is killed (the default leaves room for a paper-configuration step on a CPU, 10-30 s, and
-        the checkpoint). Does not block; calling it again (or on a finished or never-started process)
-        does nothing."""
+        """Asks the training to stop cleanly: creates the run's stop file (`stopFile`, which the engine checks at
+        every step, on every OS) and, on POSIX, also sends SIGTERM; the engine finishes the current step, writes
+        `checkpoints/latest.pt` and exits with 130 (`resume=True` continues from there). If it is still running
+        after `timeout` seconds, its whole process tree is killed (the default leaves room for a paper-configuration
+        step on a CPU, 10-30 s, and the checkpoint). Does not block; calling it again (or on a finished or
+        never-started process) does nothing."""
         with self._lock:
             if self._cancelRequested or self._process is None or self._finished.is_set():
                 return
             self._cancelRequested = True
         try:
-            if os.name == "nt":
-                os.kill(self._process.pid, signal.CTRL_BREAK_EVENT)
-            else:
+            self.stopFile.parent.mkdir(parents=True, exist_ok=True)
+            self.stopFile.touch()
+        except OSError:
+            pass  # the signal (POSIX) or the kill timer still stops it
+        if os.name != "nt":
+            try:
                 os.kill(self._process.pid, signal.SIGTERM)
-        except OSError:  # it has just exited, or (Windows) it shares no console with us to signal through
-            if self._process.poll() is None:
-                self._killGroup()
-            return
+            except OSError:  # it has just exited
+                pass
         self._killTimer = threading.Timer(timeout, self.kill)
         self._killTimer.daemon = True
         self._killTimer.start()

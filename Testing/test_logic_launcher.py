@@ -86,7 +86,7 @@ def test_progress_events_arrive_through_poll_and_on_event(cancelled_run):
     assert cancelled_run["eta"] is not None and cancelled_run["eta"] > 0
     assert cancelled_run["seen"] == events, "onEvent gets every polled event, in order"
     assert process.command[1:4] == ["-m", "ra_engine.cli", "train"]
-    assert process.command[-2:] == ["--progress-json", "-"] and "--no-calibrate" in process.command
+    assert process.command[-4:-2] == ["--progress-json", "-"] and "--no-calibrate" in process.command
     assert process.command[process.command.index("--widths") + 1] == "8,16"
     assert process.log.startswith("$ ") and process.lastEvent == events[-1]
 
@@ -199,9 +199,30 @@ def test_options_become_ra_train_arguments(tmp_path):
                                        "calibrate": True, "cache_dir": None}, python="/usr/bin/python3")
     assert process.command == ["/usr/bin/python3", "-m", "ra_engine.cli", "train", "--data", "a.png", "b.png",
                                "--preset", "xray", "--out", str(tmp_path / "run"), "--epochs", "5", "--max-steps",
-                               "7", "--image-size", "64", "--widths", "8,16,32", "--amp", "--progress-json", "-"]
+                               "7", "--image-size", "64", "--widths", "8,16,32", "--amp", "--progress-json", "-",
+                               "--stop-file", str(tmp_path / "run" / ".stop")]
     with pytest.raises(ValueError, match="set by TrainingProcess"):
         TrainingProcess("a", "xray", tmp_path, options={"out": "elsewhere"})
     never_started = TrainingProcess("a", "xray", tmp_path)
     never_started.cancel()
     assert not never_started.running and never_started.returncode is None and never_started.poll() == []
+
+
+@pytest.mark.slow
+def test_cancel_by_stop_file_alone_checkpoints_as_on_windows(tmp_path, monkeypatch):
+    """Without any signal (Windows: no SIGTERM, maybe no shared console), the stop file stops the engine cleanly."""
+    import RALogic.launcher as launcher
+
+    signals = []
+    monkeypatch.setattr(launcher.os, "kill", lambda pid, sig: signals.append(sig))
+    data, out = write_radiographs(tmp_path / "normals"), tmp_path / "run"
+    (out).mkdir()
+    (out / launcher.STOP_FILE).touch()  # a leftover of an earlier stop does not stop the new run
+    process = TrainingProcess(data, "xray", out, epochs=1000, options=OPTIONS, overwrite=True).start()
+    with process:
+        pump(process, lambda ev: len(training_steps(ev)) >= 2)
+        process.cancel(timeout=TIMEOUT_S)
+        assert process.wait(TIMEOUT_S) == 130, process.log
+    assert signals == [signal.SIGTERM], "the signal went nowhere (patched): only the stop file stopped the run"
+    assert "--stop-file" in process.command and process.stopFile.exists()
+    assert (out / "checkpoints" / "latest.pt").is_file() and not (out / "model").exists()

@@ -66,6 +66,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints and model in --out")
     add_progress_options(p)
+    p.add_argument("--stop-file", type=Path, default=None, metavar="PATH",
+                   help="stop cleanly (checkpoint, exit 130) when this file appears, as on SIGTERM; for launchers "
+                        "on systems without signals (the Slicer panel on Windows)")
     p.set_defaults(run=cmd_train)
 
 
@@ -85,7 +88,8 @@ def cmd_train(args) -> int:
                          seed=args.seed, patience=args.patience, batchnorm=args.batchnorm,
                          sync_batchnorm=args.sync_batchnorm, amp=args.amp, max_steps=args.max_steps,
                          checkpoint_every=args.checkpoint_every, augment=AugmentConfig(flip=preset.flip))
-    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-")
+    progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-",
+                        stop_file=args.stop_file)
     with stop_on_signals(progress):
         result, model_dir = run_training(args.data, preset, args.out, arch, config, device=args.device,
                                          workers=args.workers, resume=args.resume, overwrite=args.overwrite,

@@ -15,10 +15,12 @@ ProgressCallback = Callable[[dict], "bool | None"]
 
 class Progress:
     """Emits progress events. `json_path`: a file to append JSON lines to, "-" for stdout, None for none.
-    `bar`: show a tqdm bar on stderr. `callback(event) -> False` requests cancellation (`cancelled` becomes True)."""
+    `bar`: show a tqdm bar on stderr. `callback(event) -> False` requests cancellation (`cancelled` becomes True).
+    `stop_file`: a path whose appearance requests cancellation too (checked at every event): the way another process
+    stops the job cleanly on every OS (Windows has no SIGTERM); a file already there at the start is removed."""
 
     def __init__(self, json_path: str | Path | None = None, bar: bool = False,
-                 callback: ProgressCallback | None = None):
+                 callback: ProgressCallback | None = None, stop_file: str | Path | None = None):
         self._stream: TextIO | None = None
         self._owns_stream = False
         if json_path == "-":
@@ -29,6 +31,9 @@ class Progress:
         self._bar_wanted = bar
         self._bar = None
         self._callback = callback
+        self._stop_file = None if stop_file is None else Path(stop_file)
+        if self._stop_file is not None:
+            self._stop_file.unlink(missing_ok=True)  # a leftover of an earlier stop must not stop this job
         self.cancelled = False
 
     def emit(self, event: str, **fields) -> bool:
@@ -41,6 +46,8 @@ class Progress:
             self._stream.flush()
         self._update_bar(record)
         if self._callback is not None and self._callback(record) is False:
+            self.cancelled = True
+        if self._stop_file is not None and self._stop_file.exists():
             self.cancelled = True
         return not self.cancelled
 
