@@ -250,6 +250,15 @@ def test_existing_outputs_are_kept_unless_overwrite(xray_model, tmp_path, capsys
     assert "disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.setattr(ra_engine.overlay, "overlay_png", working)
+    # A failure of the report (made while the writer threads write the maps) leaves them as they were too, and no
+    # temporary file behind.
+    import ra_engine.detect
+
+    monkeypatch.setattr(ra_engine.detect, "find_regions", broken)
+    assert ra_detect(image, "--model", xray_model, "--out", out, "--quiet", "--overwrite", "--flag-rate", "1%") == 2
+    assert "disk full" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
     assert ra_detect(image, "--model", xray_model, "--out", out, "--quiet", "--overwrite", "--flag-rate", "1%") == 0
     assert json.loads((out / "chest_scores.json").read_text())["flag_rate"] == 0.01
 

@@ -231,3 +231,23 @@ def test_output_format_and_extensions(tmp_path):
     assert output_format_for(tmp_path) == ".nii.gz"  # a DICOM series folder
     assert split_extension("sub-01.T1w.nii.gz") == ("sub-01.T1w", ".nii.gz")
     assert split_extension("IM0001") == ("IM0001", "")
+
+
+def test_arrays_from_sitk_share_the_buffer_and_keep_the_image():
+    import gc
+
+    from ra_engine.imageio import array_from_sitk
+
+    source = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    image = sitk.GetImageFromArray(source)
+    array = array_from_sitk(image)
+    assert array.dtype == np.float32 and array.shape == (2, 3, 4) and array.flags.writeable
+    del image
+    gc.collect()
+    filler = sitk.Image([64, 64, 64], sitk.sitkFloat32) + 7.0  # would reuse freed memory
+    assert np.array_equal(array, source)
+    array *= 2
+    assert np.array_equal(array, 2 * source)
+    vector = sitk.GetImageFromArray(np.zeros((3, 4, 2), np.uint8), isVector=True)
+    assert array_from_sitk(vector).shape == sitk.GetArrayFromImage(vector).shape == (3, 4, 2)
+    del filler

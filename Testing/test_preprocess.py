@@ -293,6 +293,28 @@ def test_training_keeps_slices_with_enough_brain(mni, mni_slices):
     assert 40 <= len(training) < len(mni_slices)
 
 
+def test_ranks_equal_the_double_argsort():
+    from ra_engine.preprocess import _ranks
+
+    rng = np.random.default_rng(3)
+    for values in (rng.random(1000), rng.integers(0, 5, 1000).astype(np.float32), np.zeros(7), np.arange(5.0)[::-1]):
+        expected = np.argsort(np.argsort(values, kind="stable"), kind="stable").astype(np.float64)
+        assert np.array_equal(_ranks(values), expected)
+
+
+def test_the_field_of_view_is_that_of_nearest_neighbour_resampling(mni):
+    """The scan's field of view in model space comes from one NaN-filled linear resampling; it equals resampling a
+    volume of ones by nearest neighbour (ITK's inside-the-buffer test), also for an oblique, flipped, cut scan."""
+    known = rigid((0.2, 0.1, 1.0), 12.0, (4.0, -6.0, 3.0), centre_of(mni))
+    moved = moved_scan(mni, known)
+    cut = Image(moved.array[: moved.array.shape[0] * 2 // 3], moved.geometry)  # the top of the head cut off
+    slices = preprocess(cut, BRAIN)
+    in_field = slices.space.from_input_grid(np.ones(cut.array.shape, np.uint8), "nearest").astype(bool)
+    assert not in_field.all()
+    assert np.array_equal(slices.masks, reference_mask() & in_field)
+    assert not slices.images[~in_field].any()
+
+
 def test_a_user_mask_replaces_the_reference_mask(subject, subject_brain, subject_slices):
     slices = preprocess(subject, BRAIN, mask=subject_brain, skull_stripped=False)
     expected = subject_slices.space.from_input_grid(subject_brain.array.astype(np.uint8)).astype(bool)

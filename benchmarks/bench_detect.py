@@ -23,7 +23,9 @@ Workers (each in its own Python subprocess, so each peak RSS is its own):
   stages     the steps of one `ra detect` input, timed one by one with the project's own functions: read
              (`read_image`), alignment/preprocessing (`preprocess`), the network and the scorer inside the real
              `detect_slices` (its `reconstruct` and `score` calls timed in place), mapping back (the rest of
-             `detect_slices`), and outputs (`detections_at`, the report with its regions, `_write_outputs`). Its peak
+             `detect_slices`), and outputs (`detections_at`, then `_write_outputs`, which writes the maps and the
+             overlay on its writer threads while it makes the report with its regions: the per-file times in
+             "outputs_detail" overlap, and their CPU seconds are the whole process's during each). Its peak
              RSS is read after the outputs are written; then the batched network and scorer run a second, warm time.
   reference  the reference implementation's inference loop on the same model-space slices: one slice at a time,
              the model in train mode (BatchNorm in its "reference" mode, as trained) with gradients enabled (no
@@ -290,12 +292,12 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
 
     def outputs():
         detections = detail.time("detections_at", found.detections_at, threshold)
-        report = detail.time("report (regions)", found.report, detections, threshold,
-                             float(model.card["calibration"]["default_flag_rate"]))
+        flag_rate = float(model.card["calibration"]["default_flag_rate"])
         imageio_module.write_image = timed(write_image, "write_image")
         overlay_module.overlay_png = timed(overlay_png, "overlay_png")
-        try:
-            _write_outputs(job, image, found, detections, report)
+        try:  # as `ra detect` does: the report (regions) is made while the writer threads write the maps
+            _write_outputs(job, image, found, detections,
+                           lambda: detail.time("report (regions)", found.report, detections, threshold, flag_rate))
         finally:
             imageio_module.write_image, overlay_module.overlay_png = write_image, overlay_png
         return detections

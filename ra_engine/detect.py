@@ -179,8 +179,9 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
     space = slices.space
     to_input = lambda stack, interpolation: space.to_input_grid(stack, interpolation, positions=slices.positions)
     mask_in = to_input(slices.masks.astype(np.uint8), "nearest")
-    anomaly_in = to_input(anomaly, "linear") * mask_in  # linear interpolation spills over the mask's edge
-    ph_in = space.to_input_intensity(to_input(x_ph, "linear"))
+    anomaly_in = to_input(anomaly, "linear")
+    np.multiply(anomaly_in, mask_in, out=anomaly_in)  # linear interpolation spills over the mask's edge
+    ph_in = space.to_input_intensity_(to_input(x_ph, "linear"))  # in place: no full-size temporaries
     slice_scores = [{"position": int(slices.positions[i]), **_reference_z(space, slices.positions[i]),
                      "score": image_score(anomaly[i], slices.masks[i])} for i in used]
     return Detection(Image(ph_in, geometry, source), Image(anomaly_in, geometry, source),

@@ -316,40 +316,68 @@ def _detect_one(job: _Job, model, scorer, threshold: float, flag_rate: float | N
     mask = read_image(job.source.mask, validate=False) if job.source.mask else None
     found = detect(model, image, scorer, mask, batch_size=args.batch_size, progress=progress, force=args.force)
     detections = found.detections_at(threshold)
-    report = {"input": str(job.source.image), "mask": str(job.source.mask) if job.source.mask else None,
+    header = {"input": str(job.source.image), "mask": str(job.source.mask) if job.source.mask else None,
               "model": {"path": str(model.path), "name": model.card.get("name"),
-                        "preset": model.card["preset"]["name"], "weights_sha256": model.card.get("weights_sha256")},
-              **found.report(detections, threshold, flag_rate)}
-    _write_outputs(job, image, found, detections, report)
-    return report
+                        "preset": model.card["preset"]["name"], "weights_sha256": model.card.get("weights_sha256")}}
+    # The report (its regions) is made while the maps are being compressed and written (`_write_outputs`).
+    return _write_outputs(job, image, found, detections,
+                          lambda: {**header, **found.report(detections, threshold, flag_rate)})
 
 
-def _write_outputs(job: _Job, image, found, detections, report: dict) -> None:
+# Threads that write one input's files: SimpleITK compresses and writes with Python's GIL released, so the maps
+# (gzip is single-threaded) are written side by side and beside the report's regions. Each writer holds a copy of
+# its map (SimpleITK's image) while it writes, and the regions their label volume: above PARALLEL_WRITE_MAX_BYTES of
+# float maps (a 512x512x300 volume's are 630 MB) the outputs are made one after the other, so that working memory
+# stays bounded as before.
+WRITER_THREADS = 2
+PARALLEL_WRITE_MAX_BYTES = 256 * 2**20
+
+
+def _write_outputs(job: _Job, image, found, detections, report: dict | Callable[[], dict]) -> dict:
     """Writes the outputs of one input under temporary names and renames them only once all are written, so that
-    an input gets all its outputs or none."""
+    an input gets all its outputs or none. The three maps and the overlay are written by WRITER_THREADS threads
+    while this thread makes the report (`report`: the report, or a function that makes it) and writes it (one
+    after the other for maps over PARALLEL_WRITE_MAX_BYTES); a failure of any writer removes every temporary file
+    and is raised once all have stopped. Returns the report."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from .imageio import write_image
     from .overlay import overlay_png
 
     plane = max(image.array.shape[-2:])
-    writers: dict[str, Callable[[Path], object]] = {
+    made: dict = {}
+    writers: dict[str, Callable[[Path], object]] = {  # largest first: the pseudo-healthy map compresses worst
         "pseudo_healthy": lambda p: write_image(found.pseudo_healthy, p, dtype=np.float32),
         "anomaly_map": lambda p: write_image(found.anomaly, p, dtype=np.float32),
         "detections": lambda p: write_image(detections, p, dtype=np.uint8),
-        "scores": lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
         "overlay": lambda p: overlay_png(image, found.anomaly, detections, p, scale=max(1, min(3, 768 // plane))),
+        "scores": lambda p: p.write_text(json.dumps(made["report"], indent=2) + "\n", encoding="utf-8"),
     }
     token = uuid.uuid4().hex[:8]
-    written = []
+    temporaries = {kind: job.path(kind).with_name(f".{job.name}_{kind}.partial-{token}{job.suffix(kind)}")
+                   for kind in writers}
+    parallel = found.pseudo_healthy.array.nbytes + found.anomaly.array.nbytes <= PARALLEL_WRITE_MAX_BYTES
     try:
-        for kind, write in writers.items():
-            final = job.path(kind)
-            temporary = final.with_name(f".{job.name}_{kind}.partial-{token}{job.suffix(kind)}")
-            written.append((temporary, final))
-            write(temporary)
-        for temporary, final in written:
-            os.replace(temporary, final)
+        if not parallel:
+            made["report"] = report() if callable(report) else report
+            for kind, write in writers.items():
+                write(temporaries[kind])
+        else:
+            with ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="ra-write") as pool:
+                futures = [pool.submit(writers[kind], temporaries[kind]) for kind in writers if kind != "scores"]
+                try:
+                    made["report"] = report() if callable(report) else report
+                    writers["scores"](temporaries["scores"])
+                finally:
+                    for future in futures:  # every writer has stopped before anything is renamed or removed
+                        future.exception()
+                for future in futures:
+                    future.result()  # the first failure, if any
+        for kind in writers:
+            os.replace(temporaries[kind], job.path(kind))
     finally:
-        for temporary, _ in written:
+        for temporary in temporaries.values():
             temporary.unlink(missing_ok=True)
+    return made["report"]

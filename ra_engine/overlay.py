@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage, ImageDraw
-from skimage.segmentation import find_boundaries
+from scipy import ndimage
 
 from .atomic import atomic_write
 from .image import Image
@@ -17,6 +17,30 @@ def axial_axis(image: Image) -> int:
     """The array axis (of (z, y, x)) closest to the patient's superior-inferior direction."""
     direction = np.asarray(image.geometry.direction).reshape(3, 3)
     return 2 - int(np.argmax(np.abs(direction[2, :])))
+
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _outline(mask: np.ndarray, mode: str) -> np.ndarray:
+    """The outline of a 2D boolean mask, as `skimage.segmentation.find_boundaries(mask, mode=mode)` gives it for a
+    binary image (4-connected; pixels beyond the border count as their mirror image, so the border is no edge):
+    "outer", the background pixels touching the mask; "inner", the mask's pixels touching the background. Equal to
+    skimage's (tested) without importing skimage.segmentation (0.1-0.2 s of a `ra detect` run)."""
+    if mode == "outer":
+        return ndimage.binary_dilation(mask, _CROSS) & ~mask
+    if mode == "inner":
+        return mask & ~ndimage.binary_erosion(mask, _CROSS, border_value=1)
+    raise ValueError(f"mode must be 'outer' or 'inner', got {mode!r}")
+
+
+def _per_slice_sums(array: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of each slice along `axis`: exact integer sums for integer or boolean maps (no float64 copy of a label
+    volume), float64 sums for float maps."""
+    array = np.asarray(array)
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        return array.sum(axis=tuple(a for a in range(array.ndim) if a != axis), dtype=np.int64)
+    return np.moveaxis(np.asarray(array, dtype=float), axis, 0).reshape(array.shape[axis], -1).sum(1)
 
 
 def _heat(t: np.ndarray) -> np.ndarray:
@@ -32,7 +56,7 @@ def overlay_png(scan: Image, anomaly: Image, detections: Image, path: Path, trut
     if scan.is_volume:
         axis = axial_axis(scan)
         if index is None:
-            per_slice = lambda a: np.moveaxis(np.asarray(a, dtype=float), axis, 0).reshape(a.shape[axis], -1).sum(1)
+            per_slice = lambda a: _per_slice_sums(a, axis)
             key = truth if truth is not None and np.any(truth) else (
                 detections.array if detections.array.any() else anomaly.array)
             index = int(np.argmax(per_slice(key)))
@@ -44,9 +68,9 @@ def overlay_png(scan: Image, anomaly: Image, detections: Image, path: Path, trut
     t = np.clip(amap / max(top, 1e-12), 0, 1)
     alpha = (0.7 * t)[..., None]
     rgb = rgb * (1 - alpha) + _heat(t) * alpha
-    rgb[find_boundaries(det > 0, mode="outer")] = (0.0, 1.0, 0.0)
+    rgb[_outline(det > 0, "outer")] = (0.0, 1.0, 0.0)
     if true is not None:
-        rgb[find_boundaries(np.asarray(true) > 0, mode="inner")] = (0.0, 1.0, 1.0)
+        rgb[_outline(np.asarray(true) > 0, "inner")] = (0.0, 1.0, 1.0)
     picture = PILImage.fromarray((rgb * 255).astype(np.uint8)).resize(
         (rgb.shape[1] * scale, rgb.shape[0] * scale), PILImage.NEAREST)
     ImageDraw.Draw(picture).text((4, 4), NOTICE, fill=(255, 255, 0))

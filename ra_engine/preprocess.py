@@ -38,6 +38,7 @@ import SimpleITK as sitk
 
 from .errors import DataError
 from .image import Geometry, Image
+from .imageio import array_from_sitk
 
 PRESETS = ("brain-mri", "xray")
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -188,10 +189,13 @@ class ModelSpace:
         array = stack if self._grid_dimension() == 3 else stack[0]
         return self.geometry.apply_to(sitk.GetImageFromArray(array))
 
-    def _input_reference(self) -> sitk.Image:
-        shape = self._input_grid_shape()
-        image = sitk.Image([int(v) for v in shape[::-1]], sitk.sitkUInt8)
-        return self.input_geometry.apply_to(image)
+    def _resample_onto(self, moving: sitk.Image, size, geometry: Geometry, transform: sitk.Transform,
+                       interpolation: str, fill: float, pixel_type: int) -> sitk.Image:
+        """`moving` resampled onto the grid of `size` (x, y[, z]) voxels placed by `geometry`, given as numbers
+        rather than as a reference image (an input-sized image would be allocated and zeroed for its geometry only)."""
+        return sitk.Resample(moving, [int(v) for v in size], transform, _interpolator(interpolation),
+                             [float(v) for v in geometry.origin], [float(v) for v in geometry.spacing],
+                             [float(v) for v in geometry.direction], float(fill), pixel_type)
 
     def _input_grid_shape(self) -> tuple[int, ...]:
         """Shape of the input grid in the resampling frame: the input shape, or (y, x) of a one-slice radiograph."""
@@ -225,10 +229,10 @@ class ModelSpace:
         dtype = stack.dtype
         work = stack.astype(np.float32) if interpolation == "linear" or dtype == bool else stack
         moving = self._model_image(np.ascontiguousarray(work))
-        mapped = sitk.Resample(moving, self._input_reference(), self._transform(inverse=True),
-                               _interpolator(interpolation), float(fill),
-                               sitk.sitkFloat32 if interpolation == "linear" else moving.GetPixelID())
-        result = sitk.GetArrayFromImage(mapped).reshape(self.input_shape)
+        mapped = self._resample_onto(moving, self._input_grid_shape()[::-1], self.input_geometry,
+                                     self._transform(inverse=True), interpolation, fill,
+                                     sitk.sitkFloat32 if interpolation == "linear" else moving.GetPixelID())
+        result = array_from_sitk(mapped).reshape(self.input_shape)  # the resampled buffer itself, not a copy
         return result.astype(np.float32 if interpolation == "linear" else dtype, copy=False)
 
     def to_input_image(self, stack: np.ndarray, input_geometry: Geometry,
@@ -248,11 +252,17 @@ class ModelSpace:
         work = array.astype(np.float32) if interpolation == "linear" or dtype == bool else array
         moving = self.input_geometry.apply_to(sitk.GetImageFromArray(
             np.ascontiguousarray(work).reshape(self._input_grid_shape())))
-        reference = self.geometry.apply_to(sitk.Image([int(v) for v in self._model_grid_size()], sitk.sitkUInt8))
-        mapped = sitk.Resample(moving, reference, self._transform(inverse=False), _interpolator(interpolation),
-                               float(fill), sitk.sitkFloat32 if interpolation == "linear" else moving.GetPixelID())
-        result = sitk.GetArrayFromImage(mapped).reshape(self.shape)
+        result = self._from_input_image(moving, interpolation, fill)
         return result.astype(np.float32 if interpolation == "linear" else dtype, copy=False)
+
+    def _from_input_image(self, moving: sitk.Image, interpolation: Literal["linear", "nearest"] = "nearest",
+                          fill: float = 0.0) -> np.ndarray:
+        """`from_input_grid` of an input already as a SimpleITK image on the input's grid (`input_geometry`):
+        (n_slices, H, W) of float32 (linear) or the image's own pixel type (nearest)."""
+        mapped = self._resample_onto(moving, self._model_grid_size(), self.geometry, self._transform(inverse=False),
+                                     interpolation, fill,
+                                     sitk.sitkFloat32 if interpolation == "linear" else moving.GetPixelID())
+        return sitk.GetArrayFromImage(mapped).reshape(self.shape)
 
     def _model_grid_size(self) -> tuple[int, ...]:
         n, h, w = self.shape
@@ -261,7 +271,17 @@ class ModelSpace:
     def to_input_intensity(self, values: np.ndarray) -> np.ndarray:
         """Maps model intensities in [0, 1] back to the scan's raw intensity units (e.g. a pseudo-healthy image)."""
         low, high = self.intensity_range
-        return (low + np.asarray(values, dtype=np.float32) * (high - low)).astype(np.float32)
+        return self.to_input_intensity_(np.array(values, dtype=np.float32))
+
+    def to_input_intensity_(self, values: np.ndarray) -> np.ndarray:
+        """`to_input_intensity` in place on a float32 array (no full-size temporaries; the same float32 arithmetic:
+        values * (high - low), then + low). Returns `values`."""
+        if values.dtype != np.float32:
+            raise TypeError(f"to_input_intensity_ works in place on float32 arrays, got {values.dtype}")
+        low, high = self.intensity_range
+        np.multiply(values, np.float32(high - low), out=values)
+        np.add(values, np.float32(low), out=values)
+        return values
 
     # ---- storage ---------------------------------------------------------------------------------------------
 
@@ -373,9 +393,11 @@ def model_grid(config: PresetConfig) -> tuple[tuple[int, int, int], Geometry]:
     Through-plane: slices `slice_spacing_mm` apart, centred on the mask's z extent and covering it.
     """
     mask = _reference(config.reference)["brain_mask"]
-    indices = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1]
+    inside = sitk.GetArrayViewFromImage(mask) > 0
+    # The mask's bounding box (index x, y, z) from its projections on each axis (no index list of its voxels).
+    extent = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
     corners = np.array([mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
-                        for c in (indices.min(0), indices.max(0))])
+                        for c in ([e[0] for e in extent], [e[-1] for e in extent])])
     low, high = corners.min(0), corners.max(0)
     centre = (low + high) / 2.0
     pixel, dz = config.pixel_mm, config.slice_spacing_mm
@@ -412,7 +434,8 @@ def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     if np.allclose(new, old):
         return sitk.Cast(image, sitk.sitkFloat32)
     sigma = np.sqrt(np.maximum(new**2 - old**2, 0.0)) / 2.355
-    smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), [float(max(s, 1e-3)) for s in sigma])
+    as_float = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)  # no copy
+    smooth = sitk.SmoothingRecursiveGaussian(as_float, [float(max(s, 1e-3)) for s in sigma])
     size = np.maximum(np.round(np.array(image.GetSize()) * old / new), 1).astype(int)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     origin = np.array(image.GetOrigin()) + direction @ ((new - old) / 2.0)
@@ -525,7 +548,8 @@ def _preprocess_brain(image: Image, config: PresetConfig, mask: Image | None, tr
     if float(array.max()) - float(array.min()) <= 0:
         raise DataError("the scan is constant: there is no anatomy to align or score")
     start = time.perf_counter()
-    small = _shrink(image.to_sitk(), config.registration_spacing_mm)
+    scan_image = image.to_sitk()  # float32 on the input's grid: shrunk for the registration, resampled below
+    small = _shrink(scan_image, config.registration_spacing_mm)
     if skull_stripped is None:
         skull_stripped = _foreground_litres(small) < SKULL_STRIPPED_MAX_LITRES
     shape, geometry = model_grid(config)
@@ -537,8 +561,14 @@ def _preprocess_brain(image: Image, config: PresetConfig, mask: Image | None, tr
     space = ModelSpace("brain-mri", shape, geometry, affine, tuple(array.shape), image.geometry,
                        skull_stripped=bool(skull_stripped), alignment=alignment)
 
-    scan = space.from_input_grid(array.astype(np.float32, copy=False), "linear")
-    in_field = space.from_input_grid(np.ones(array.shape, np.uint8), "nearest").astype(bool)
+    # One resampling gives both the scan and its field of view: model voxels whose point falls outside the input's
+    # grid get NaN (ITK's "inside the buffer" test is the same for the linear and the nearest interpolator, so this
+    # equals resampling a volume of ones by nearest neighbour), and 0 like before once the field is known.
+    scan = space._from_input_image(scan_image if scan_image.GetPixelID() == sitk.sitkFloat32
+                                   else sitk.Cast(scan_image, sitk.sitkFloat32), "linear", fill=math.nan)
+    del scan_image
+    in_field = ~np.isnan(scan)
+    scan[~in_field] = 0.0
     if mask is None:
         brain = _reference_in_model_space(config, "brain_mask") > 0
     else:
@@ -607,10 +637,19 @@ def _check_affine(affine: np.ndarray) -> None:
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two equally long samples: monotonic intensity changes (contrast, gamma)
     leave it unchanged, and it is not dominated by a few bright voxels."""
-    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64) for v in (a, b)]
+    ranks = [_ranks(v) for v in (a, b)]
     x, y = (r - r.mean() for r in ranks)
     denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks of `values` (ties in order of position), float64: the inverse of the stable sorting
+    permutation, equal to argsort(argsort(values, stable), stable) with one sort instead of two."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(order.size, np.float64)
+    ranks[order] = np.arange(order.size, dtype=np.float64)
+    return ranks
 
 
 def _slice_set(images: np.ndarray, masks: np.ndarray, space: ModelSpace, config: PresetConfig,
