@@ -256,6 +256,8 @@ def test_ra_train_method_vae_writes_a_baseline_model_that_detection_accepts(tmp_
     detection = model.detect(scan)
     assert detection.anomaly.array.shape == scan.shape and np.isfinite(detection.scan_score)
     assert detection.detections_at().array.shape == scan.shape
+    report = detection.report(detection.detections_at(), detection.threshold_at())
+    assert report["notice"] == card["notice"], "a baseline's detections say it is not RA"
 
     capsys.readouterr()
     assert main(["train", "--method", "ae", "--data", str(folder), "--out", str(out), *args, "--resume"]) == 2

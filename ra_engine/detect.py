@@ -48,7 +48,8 @@ class Detection:
     position in the model-space stack, for brain-mri the height of the axial slice in the reference (Colin27/MNI)
     space in mm (`reference_z_mm`), and its score (mean A in its mask); scan_score: mean A in the whole mask.
     `slices` and `anomaly_stack` keep the model-space results for calibration and evaluation. `calibration`: the
-    model card's calibration section (None when the model has none), for `detections_at(flag_rate=...)`."""
+    model card's calibration section (None when the model has none), for `detections_at(flag_rate=...)`; `notice`:
+    the card's (a baseline's says it is not RA)."""
 
     pseudo_healthy: Image
     anomaly: Image
@@ -58,6 +59,7 @@ class Detection:
     slices: SliceSet
     anomaly_stack: np.ndarray
     calibration: dict | None = None
+    notice: str = NOTICE
 
     def threshold_at(self, flag_rate: float | None = None) -> float:
         """The threshold on A that flags `flag_rate` (0.001 to 0.2) of normal foreground pixels, from the model's
@@ -102,7 +104,7 @@ class Detection:
             "regions_total": len(regions),
             "regions": regions[:MAX_REPORTED_REGIONS],
             "alignment": dict(self.slices.space.alignment),
-            "notice": NOTICE,
+            "notice": self.notice,
         }
 
 
@@ -186,7 +188,8 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
                      "score": image_score(anomaly[i], slices.masks[i])} for i in used]
     return Detection(Image(ph_in, geometry, source), Image(anomaly_in, geometry, source),
                      Image(mask_in, geometry, source), slice_scores,
-                     image_score(anomaly[used], slices.masks[used]), slices, anomaly, model.card.get("calibration"))
+                     image_score(anomaly[used], slices.masks[used]), slices, anomaly, model.card.get("calibration"),
+                     model.card.get("notice", NOTICE))
 
 
 def _reference_z(space, position: int) -> dict:
