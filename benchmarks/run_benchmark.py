@@ -122,6 +122,37 @@ def run_part(set_name: str, folder: Path, method: str, seed: int, budget: str, w
     return written
 
 
+def figures(budget: str, work: Path, seed: int = 0) -> list[Path]:
+    """Copies a few of `ra eval`'s plots of RA (seed `seed`) into docs/images/benchmark/, downscaled, and runs RA on
+    the chest set's qualitative cases (the real RG1_UNCI.dcm); returns the files written."""
+    from PIL import Image as Picture
+
+    target = REPO / "docs" / "images" / "benchmark"
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for set_name in SETS:
+        run_dir = work / "runs" / budget / set_name / f"ra-s{seed}"
+        for plot in ("examples", "per_type"):
+            source = run_dir / "eval-full" / f"{plot}.png"
+            if source.is_file():
+                picture = Picture.open(source)
+                picture.thumbnail((900, 900))
+                written.append(target / f"{budget}_{set_name}_ra_{plot}.png")
+                picture.save(written[-1], optimize=True)
+    qualitative = work / "sets" / "chest" / "qualitative.csv"
+    model = work / "runs" / budget / "chest" / f"ra-s{seed}" / "model"
+    if qualitative.is_file() and (model / "model.json").is_file():
+        out = work / "runs" / budget / "chest" / f"ra-s{seed}" / "qualitative"
+        run(ra_command("detect", str(qualitative), "--model", str(model), "--out", str(out), "--overwrite",
+                       "--quiet"), [])
+        for overlay in sorted(out.glob("*_overlay.png")):
+            picture = Picture.open(overlay)
+            picture.thumbnail((700, 700))
+            written.append(target / f"{budget}_chest_ra_qualitative_{overlay.name}")
+            picture.save(written[-1], optimize=True)
+    return written
+
+
 def _mean_sd(values: list[float | None]) -> str:
     import numpy as np
 
@@ -207,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "benchmark", help="sets, runs and evaluations")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table from benchmarks/results")
+    parser.add_argument("--figures", action="store_true", help="also copy RA's plots (seed 0) into docs/images and "
+                                                                "run it on the chest set's real radiograph")
     args = parser.parse_args(argv)
     if not args.report_only:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -219,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     run_part(set_name, folder, method, seed, args.budget, args.work)
                     write_report()
+    if args.figures:
+        for path in figures(args.budget, args.work):
+            print(f"figure {path.relative_to(REPO)}")
     write_report()
     return 0
 
