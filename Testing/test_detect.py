@@ -306,7 +306,7 @@ def test_detect_array_takes_numpy_and_geometry(xray, scorer):
     found = detect_array(xray, image.array[::4, ::4], spacing=(0.4, 0.4), origin=(5.0, -3.0),
                          scorer=scorer, progress=lambda done, total: calls.append((done, total)))
     assert found.anomaly.geometry == Geometry((0.4, 0.4), (5.0, -3.0), (1.0, 0.0, 0.0, 1.0))
-    assert found.anomaly.array.shape == image.array[::4, ::4].shape and calls == [(1, 1)]
+    assert found.anomaly.array.shape == image.array[::4, ::4].shape and calls == [(0, 1), (1, 1)]
     with pytest.raises(Cancelled):
         detect_array(xray, image.array[::4, ::4], scorer=scorer, progress=lambda done, total: False)
     rgb = np.repeat(image.array[::8, ::8, None], 3, axis=2)

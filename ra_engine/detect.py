@@ -28,7 +28,8 @@ from .regions import find_regions
 from .scoring import AnomalyScorer, image_score
 
 BatchProgress = Callable[[int, int], "bool | None"]
-"""progress(done, total): slices scored so far and in all, after each batch; returning False cancels."""
+"""progress(done, total): slices scored so far and in all, once with done = 0 when the scan is in the model space
+(after the alignment) and after each batch; returning False cancels."""
 
 # DICOM Modality values of the images each preset is made for; a DICOM naming another one is refused unless forced.
 PRESET_MODALITIES = {"brain-mri": ("MR",), "xray": ("CR", "DX", "RG")}
@@ -165,6 +166,8 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
     used = np.flatnonzero(slices.masks.reshape(len(slices), -1).any(1))
     if used.size == 0:
         raise DataError("no slice of the scan holds brain/body in the model space: check the modality and preset")
+    if progress is not None and progress(0, used.size) is False:
+        raise Cancelled("detection cancelled")
     x_ph = np.zeros_like(slices.images)
     anomaly = np.zeros_like(slices.images)
     with torch.inference_mode():
