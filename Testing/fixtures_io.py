@@ -1,5 +1,5 @@
-"""Helpers shared by the image I/O, data source and slice store tests: synthetic scans with awkward geometry, a
-DICOM series written slice by slice with the tags a scanner would set, and a small picklable preprocessing."""
+"""Helpers shared by the tests: synthetic scans with awkward geometry, a DICOM series written slice by slice with the
+tags a scanner would set, a small picklable preprocessing, and a folder of tiny radiographs to train on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,3 +92,16 @@ def fake_preprocess(image: Image, mask: Image | None, size: int = SLICE_SIZE) ->
         m = mask.array if mask.is_volume else mask.array[None]
         masks = np.stack([resize(s > 0, (size, size), order=0, anti_aliasing=False) for s in m]).astype(bool)
     return FakeSliceSet(np.clip(images, 0, 1), masks)
+
+
+def write_radiographs(folder: Path) -> Path:
+    """Eight smooth 16-bit 'radiographs' (40 x 30 PNG) in `folder` (created): 7 training slices and 1 held-out
+    scan at `ra train`'s defaults."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:30]
+    for i in range(8):
+        body = np.exp(-(((yy - 20 - rng.integers(-3, 4)) / 14.0) ** 2 + ((xx - 15) / 9.0) ** 2))
+        img = (body * 30000 + rng.normal(0, 300, body.shape)).clip(0, 65535).astype(np.uint16)
+        sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i}.png"))
+    return folder

@@ -1,11 +1,10 @@
 """`ra train` end to end on tiny data: model directory, refusals, resume, progress, bad input."""
 import json
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import ra_engine
+from fixtures_io import write_radiographs
 from ra_engine.cli import main
 from ra_engine.card import sha256_of
 
@@ -16,15 +15,7 @@ TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-d
 @pytest.fixture
 def radiographs(tmp_path):
     """Eight smooth 16-bit 'radiographs' of a non-square shape."""
-    folder = tmp_path / "normals"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:30]
-    for i in range(8):
-        body = np.exp(-(((yy - 20 - rng.integers(-3, 4)) / 14.0) ** 2 + ((xx - 15) / 9.0) ** 2))
-        img = (body * 30000 + rng.normal(0, 300, body.shape)).clip(0, 65535).astype(np.uint16)
-        sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i}.png"))
-    return folder
+    return write_radiographs(tmp_path / "normals")
 
 
 def train(data, out, *extra):

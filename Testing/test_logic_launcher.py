@@ -3,28 +3,15 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
+from fixtures_io import write_radiographs
 from RALogic.launcher import TrainingProcess
 from ra_engine.errors import DataError, RAError
 
 OPTIONS = {"image_size": 32, "widths": (8, 16), "latent_dim": 8, "batch_size": 2, "lr": 1e-3, "device": "cpu",
            "calibrate": False}
 TIMEOUT_S = 60  # two slow shared cores: starting the child (importing torch) alone can take several seconds
-
-
-def write_radiographs(folder):
-    """Eight smooth 16-bit 'radiographs' (40 x 30): 7 training slices and 1 held-out scan at the defaults."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:30]
-    for i in range(8):
-        body = np.exp(-(((yy - 20 - rng.integers(-3, 4)) / 14.0) ** 2 + ((xx - 15) / 9.0) ** 2))
-        img = (body * 30000 + rng.normal(0, 300, body.shape)).clip(0, 65535).astype(np.uint16)
-        sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i}.png"))
-    return folder
 
 
 def pump(process, until, timeout=TIMEOUT_S):

