@@ -185,15 +185,16 @@ def report() -> str:
                       f"{first['counts']['normal']} normal), {first['lesion']['lesions']} lesions. Thresholds "
                       f"({'; '.join(sources)}). Mean ± sd over seeds. Pooled pixel figures are dominated by the "
                       f"types with the largest masks: read them with the per-type table.", "",
-                      "| method | seeds | iterations | pixel AUROC | pixel AP | Dice @5% | Dice @1% | best Dice (upper bound) "
+                      "| method | seeds | iterations | weights from iteration | pixel AUROC | pixel AP | Dice @5% | Dice @1% | best Dice (upper bound) "
                       "| lesions detected @5% | @1% | image AUROC | image AP | FPR @95% TPR |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for method in sorted({p["method"] for p in group}, key=lambda m: order.get(m, 99)):
                 runs = [p for p in group if p["method"] == method]
                 col = lambda f: _mean_sd([f(p) for p in runs])
                 lines.append("| " + " | ".join([
                     method, ",".join(str(p["seed"]) for p in runs),
                     ",".join(sorted({str(p["iterations"]) for p in runs})),
+                    ",".join(str(p["training"].get("weights_step")) for p in runs),
                     col(lambda p: p["pixel"]["auroc"]), col(lambda p: p["pixel"]["ap"]),
                     col(lambda p: _at(p["pixel"]["at_flag_rate"], 0.05, "dice")),
                     col(lambda p: _at(p["pixel"]["at_flag_rate"], 0.01, "dice")),
