@@ -172,14 +172,17 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        """Called when the application closes or the module is reloaded: stops what this panel started."""
+        """Called when the application closes or the module is reloaded: stops what this panel started. Also runs
+        after a setup() that failed early (e.g. RALogic not importable), so what setup() creates may be missing."""
         self._cancelRequested = True
         if self._training is not None:
             self._training.cancel()
-        self._trainingTimer.stop()
-        self._flagRateTimer.stop()
+        for timer in (getattr(self, "_trainingTimer", None), getattr(self, "_flagRateTimer", None)):
+            if timer is not None:
+                timer.stop()
         self.removeObservers()
-        self.logic.cleanup()
+        if self.logic is not None:
+            self.logic.cleanup()
 
     def enter(self):
         self.refreshModels()
@@ -208,8 +211,12 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.parameters)
         parameters = self._parameterNode
         if parameters.inputVolume is None:
+            # Only a volume the input selector can show: it hides the .ui's hideChildNodeTypes (label maps, vector,
+            # tensor and diffusion volumes, all vtkMRMLScalarVolumeNode subclasses) and nodes hidden from editors.
+            hidden = list(self.ui.inputVolumeSelector.hideChildNodeTypes)
             volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                       if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetAttribute(KIND_ATTRIBUTE)]
+                       if not any(node.IsA(nodeType) for nodeType in hidden) and not node.GetHideFromEditors()
+                       and not node.GetAttribute(KIND_ATTRIBUTE)]
             if volumes:
                 parameters.inputVolume = volumes[0]
         if not parameters.model and self.ui.modelSelector.count:
@@ -365,7 +372,9 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._updatingGUI:
             return
         self.updateParameterNodeFromGUI("flagRate", percent / 100.0)
-        if self.result is not None:
+        # Not restarted while pending (QTimer.start() restarts a running timer): a continuous drag updates the
+        # detections every 150 ms instead of only once the slider stops; the timeout reads the slider's value then.
+        if self.result is not None and not self._flagRateTimer.isActive():
             self._flagRateTimer.start()
 
     def _applyFlagRate(self):
