@@ -11,7 +11,7 @@ import pytest
 from RALogic.models import ModelManager
 from ra_engine import registry as engine_registry
 from ra_engine.errors import ModelError
-from test_registry import make_model, zip_of
+from test_registry import make_model, tamper_weights, zip_of
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +47,7 @@ def test_import_list_resolve_and_remove(tmp_path, registry, manager):
 
 
 def test_a_tampered_model_is_refused_and_nothing_is_registered(tmp_path, registry, manager):
-    source = make_model(tmp_path / "src")
-    weights = source / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    source = tamper_weights(make_model(tmp_path / "src"))
     with pytest.raises(ModelError, match="does not match its card"):
         manager.importModel(source)
     assert manager.listModels() == [] and [p.name for p in registry.iterdir()] == []

@@ -33,6 +33,15 @@ def make_model(folder: Path, name: str = "tiny", seed: int = 0) -> Path:
     return folder
 
 
+def tamper_weights(folder: Path) -> Path:
+    """Flips the last byte of the model's weights, so that they no longer match the card's sha256."""
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return folder
+
+
 def zip_of(folder: Path, archive: Path, prefix: str = "") -> Path:
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(folder.iterdir()):
@@ -87,11 +96,7 @@ def test_a_url_without_sha256_imports_with_a_warning(tmp_path, registry):
 
 
 def test_tampered_weights_are_refused_from_a_folder_and_from_a_zip(tmp_path, registry):
-    source = make_model(tmp_path / "src")
-    weights = source / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    source = tamper_weights(make_model(tmp_path / "src"))
     with pytest.raises(ModelError, match="does not match its card"):
         import_model(source)
     archive = zip_of(source, tmp_path / "tampered.zip")
