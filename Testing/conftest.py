@@ -51,6 +51,14 @@ def lpips_alex(alex_safetensors):
 
 
 @pytest.fixture(scope="session")
+def scorer(lpips_alex):
+    """The anomaly scorer with the real LPIPS-alex (shared: do not modify)."""
+    from ra_engine.scoring import AnomalyScorer
+
+    return AnomalyScorer(lpips_alex)
+
+
+@pytest.fixture(scope="session")
 def pyiqa_calibration() -> Path:
     """pyiqa's calibration images: a folder with ref_dir/ and dist_dir/ holding the same names (I03.bmp, ...)."""
     from ra_engine.lpips_weights import pip_download

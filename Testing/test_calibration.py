@@ -21,7 +21,6 @@ from ra_engine.card import sha256_of
 from ra_engine.modeldir import load_model, save_model_dir
 from ra_engine.preprocess import preset_config
 from ra_engine.progress import Progress
-from ra_engine.scoring import AnomalyScorer
 from ra_engine.sources import list_sources
 
 
@@ -44,11 +43,6 @@ def write_radiographs(folder, n, seed=0):
         img = (body * 30000 + rng.normal(0, 2000, body.shape)).clip(0, 65535).astype(np.uint16)
         sitk.WriteImage(sitk.GetImageFromArray(img), str(folder / f"cxr_{i:02d}.png"))
     return folder
-
-
-@pytest.fixture(scope="module")
-def scorer(lpips_alex):
-    return AnomalyScorer(lpips_alex)
 
 
 @pytest.fixture(scope="module")

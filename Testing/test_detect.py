@@ -19,13 +19,11 @@ from ra_engine.detect import Detection, detect, detect_array, detect_slices
 from ra_engine.errors import Cancelled, DataError, ModelError
 from ra_engine.image import Geometry, Image
 from ra_engine.imageio import read_image
-from ra_engine.lpips_weights import load_lpips
 from ra_engine.model import ArchConfig, ReversedAutoEncoder
 from ra_engine.card import read_card, write_card
 from ra_engine.modeldir import load_model, save_model_dir
 from ra_engine.preprocess import PresetConfig, preprocess, preset_config
 from ra_engine.regions import find_regions
-from ra_engine.scoring import AnomalyScorer
 
 RESOURCES = Path(__file__).resolve().parents[1] / "ra_engine" / "resources"
 MNI = RESOURCES / "samples" / "mni152_2009a_t1.nii.gz"
@@ -94,11 +92,6 @@ def on_grid_of(result: Image, known: np.ndarray, target: Image, interpolation=si
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def scorer(alex_safetensors) -> AnomalyScorer:
-    return AnomalyScorer(load_lpips("alex", weights=alex_safetensors))
 
 
 @pytest.fixture(scope="module")

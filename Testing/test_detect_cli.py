@@ -21,10 +21,8 @@ from ra_engine.calibration import threshold_for
 from ra_engine.detect import detect
 from ra_engine.errors import RAError
 from ra_engine.imageio import read_image
-from ra_engine.lpips_weights import load_lpips
 from ra_engine.card import read_card
 from ra_engine.modeldir import load_model
-from ra_engine.scoring import AnomalyScorer
 from test_detect import MNI, RESOURCES, calibrate, make_model
 
 SUBJECT = RESOURCES / "samples" / "itk_subject_t1.nii.gz"
@@ -39,11 +37,6 @@ def offline_lpips(alex_safetensors, monkeypatch):
 
 def ra_detect(*argv) -> int:
     return cli.main(["detect", *[str(a) for a in argv]])
-
-
-@pytest.fixture(scope="module")
-def scorer(alex_safetensors) -> AnomalyScorer:
-    return AnomalyScorer(load_lpips("alex", weights=alex_safetensors))
 
 
 @pytest.fixture(scope="module")

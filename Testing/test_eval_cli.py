@@ -18,7 +18,6 @@ from ra_engine.calibration import calibration_table, threshold_for
 from ra_engine.detect import detect, detect_array
 from ra_engine.eval_cli import OUTPUTS
 from ra_engine.imageio import read_image
-from ra_engine.lpips_weights import load_lpips
 from ra_engine.card import read_card
 from ra_engine.modeldir import load_model
 from ra_engine.scoring import AnomalyScorer
@@ -33,11 +32,6 @@ def offline_lpips(alex_safetensors, monkeypatch):
 
 def ra_eval(*argv) -> int:
     return cli.main(["eval", *[str(a) for a in argv]])
-
-
-@pytest.fixture(scope="module")
-def scorer(alex_safetensors) -> AnomalyScorer:
-    return AnomalyScorer(load_lpips("alex", weights=alex_safetensors))
 
 
 @pytest.fixture(scope="module")

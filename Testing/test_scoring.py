@@ -47,11 +47,6 @@ def reference_score(lpips_model, x: np.ndarray, x_ph: np.ndarray):
     return np.abs(clahe_ph - clahe_x) * s1 * s2, s1, s2
 
 
-@pytest.fixture(scope="module")
-def scorer(lpips_alex):
-    return AnomalyScorer(lpips_alex)
-
-
 @pytest.mark.parametrize("shape", [(128, 128), (37, 53), (5, 4), (1, 9)])
 @pytest.mark.parametrize("sigma", [2.0, 0.7])
 def test_blur_equals_skimage_reflect(shape, sigma):
