@@ -54,6 +54,26 @@ def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(radiograph
     assert ra_engine.load_model(out / "model").card["training"]["steps"] == 1
 
 
+def test_select_last_gives_the_last_iterations_weights_and_a_finished_run_can_be_exported_again(radiographs,
+                                                                                                 tmp_path):
+    from safetensors.torch import load_file
+    from ra_engine.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    assert train(radiographs, out, "--max-steps", "5") == 0
+    best = ra_engine.load_model(out / "model").card["training"]
+    assert best["weights_from"] == "best.pt" and best["weights_step"] == 3 and best["config"]["select"] == "best"
+    # Resuming the finished run with --select last trains nothing more and writes the model from latest.pt.
+    assert train(radiographs, out, "--max-steps", "5", "--resume", "--select", "last") == 0
+    last = ra_engine.load_model(out / "model").card["training"]
+    assert last["weights_from"] == "latest.pt" and last["weights_step"] == 5 and last["steps"] == 5
+    assert last["config"]["select"] == "last"
+    latest = load_checkpoint(out / "checkpoints" / "latest.pt")["model"]
+    exported = load_file(out / "model" / "model.safetensors")
+    assert exported.keys() == latest.keys() and all(exported[k].equal(latest[k]) for k in latest)
+    assert not all(exported[k].equal(v) for k, v in load_checkpoint(out / "checkpoints" / "best.pt")["model"].items())
+
+
 def test_missing_or_empty_data_is_a_clear_error_and_writes_no_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

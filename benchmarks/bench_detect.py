@@ -161,7 +161,6 @@ def make_model(directory: Path, preset_name: str, calibrate_on: Path) -> None:
     of its own anomaly map on the mask of `calibrate_on` (one of the benchmark's inputs), so that the default 5%
     flag rate flags about 5% of the mask, as a calibrated model does on a normal scan (an arbitrary table would
     flag nearly everything, and the regions of a fully flagged 512x512x300 volume dominate time and memory)."""
-    import numpy as np
     import torch
     from ra_engine.calibration import calibration_table
     from ra_engine.model import ArchConfig, ReversedAutoEncoder

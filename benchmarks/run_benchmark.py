@@ -7,7 +7,9 @@ small JSON per part under benchmarks/results/, and rebuild the table in docs/BEN
 A part = one set x one method x one seed. Parts whose result file exists are skipped, so a budget can be run over
 several sessions (training itself resumes exactly with `ra train --resume`). Every command run is recorded in the
 part's JSON. Methods: ra (the method), sivae, vae, ae (baselines: same data, image size, iterations); ra is also
-evaluated with the L1-only score ("ra-l1", the ablation of the full L1 x LPIPS x CLAHE score).
+evaluated with the L1-only score ("ra-l1", the ablation of the full L1 x LPIPS x CLAHE score), and with the last
+iteration's weights instead of the best validation epoch's ("ra-last", `ra train --select last`: the same training,
+so it starts from the finished ra part's final checkpoint when there is one).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- benchmark-table:begin -->", "<!-- benchmark-table:end -->"
-METHODS = ("ra", "sivae", "vae", "ae")
+METHODS = ("ra", "sivae", "vae", "ae", "ra-last")
+# Parts that train a method with other options: name -> (method trained, extra `ra train` options).
+VARIANTS = {"ra-last": ("ra", ["--select", "last"])}
 SETS = {
     # name: (builder script, builder options (each builder's own default seed), ra train preset)
     "brain": ("benchmarks/brain_set.py", ["--per-type", "3", "--overwrite"], "brain-mri"),
@@ -88,11 +93,14 @@ def run_part(set_name: str, folder: Path, method: str, seed: int, budget: str, w
     run_dir = work / "runs" / budget / set_name / f"{method}-s{seed}"
     log: list[dict] = []
     model = run_dir / "model"
+    trained, options = VARIANTS.get(method, (method, []))
     if not (model / "model.json").is_file():
+        if method in VARIANTS:
+            options = [*options, *_start_from_twin(run_dir, run_dir.parent / f"{trained}-s{seed}", log)]
         resume = ["--resume"] if (run_dir / "checkpoints" / "latest.pt").is_file() else ["--overwrite"]
         run(ra_command("train", "--data", str(folder / "train.csv"), "--preset", preset, "--out", str(run_dir),
-                       "--method", method, "--seed", str(seed), "--no-calibrate", "--quiet",
-                       *BUDGETS[budget]["options"], *resume), log)
+                       "--method", trained, "--seed", str(seed), "--no-calibrate", "--quiet",
+                       *BUDGETS[budget]["options"], *options, *resume), log)
     train_card = json.loads((model / "model.json").read_text())
     run(ra_command("calibrate", "--model", str(model), "--data", str(folder / "calibration.csv"), "--quiet"), log)
     written = []
@@ -120,6 +128,18 @@ def run_part(set_name: str, folder: Path, method: str, seed: int, budget: str, w
         path.write_text(json.dumps(result, indent=1) + "\n")
         written.append(path)
     return written
+
+
+def _start_from_twin(run_dir: Path, twin: Path, log: list[dict]) -> list[str]:
+    """A variant trains exactly as its twin part (same method, seed, data and schedule; training is bitwise
+    reproducible and resumes exactly), so when the twin has finished, its final checkpoint is copied in and the
+    variant's `ra train --resume` only writes the model. Returns the options that share the twin's slice cache."""
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if (twin / "model" / "model.json").is_file() and not latest.is_file():
+        latest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(twin / "checkpoints" / "latest.pt", latest)
+        log.append({"command": f"copy {twin / 'checkpoints' / 'latest.pt'} {latest}", "seconds": 0.0})
+    return ["--cache-dir", str(twin / "cache")]
 
 
 def figures(budget: str, work: Path, seed: int = 0) -> list[Path]:
@@ -174,7 +194,7 @@ def report() -> str:
     if not parts:
         return "No benchmark results yet (`python benchmarks/run_benchmark.py`)."
     lines = []
-    order = {m: i for i, m in enumerate(("ra", "ra-l1", "sivae", "vae", "ae"))}
+    order = {m: i for i, m in enumerate(("ra", "ra-l1", "ra-last", "sivae", "vae", "ae"))}
     for budget in sorted({p["budget"] for p in parts}, key=lambda b: list(BUDGETS).index(b)):
         for set_name in sorted({p["set"] for p in parts if p["budget"] == budget}):
             group = [p for p in parts if p["budget"] == budget and p["set"] == set_name]

@@ -45,6 +45,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=positive(float), default=5e-5, help="Adam learning rate of both halves (constant)")
     p.add_argument("--patience", type=positive(int), default=500, help="early stopping: epochs without a better "
                                                                         "validation reconstruction error")
+    p.add_argument("--select", choices=("best", "last"), default="best",
+                   help="the weights the model gets: best = the epoch with the lowest validation reconstruction "
+                        "error (the paper's early stopping); last = the last iteration's. Resuming a finished run "
+                        "with another choice writes its model again")
     p.add_argument("--image-size", type=positive(int), default=128)
     p.add_argument("--latent-dim", type=positive(int), default=128)
     p.add_argument("--widths", type=_widths, default=(64, 128, 256, 512, 512),
@@ -87,7 +91,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, patience=args.patience, batchnorm=args.batchnorm,
                          sync_batchnorm=args.sync_batchnorm, amp=args.amp, max_steps=args.max_steps,
-                         checkpoint_every=args.checkpoint_every, augment=AugmentConfig(flip=preset.flip))
+                         checkpoint_every=args.checkpoint_every, select=args.select,
+                         augment=AugmentConfig(flip=preset.flip))
     progress = Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-",
                         stop_file=args.stop_file)
     with stop_on_signals(progress):

@@ -34,7 +34,12 @@ log = logging.getLogger("ra_engine.train")
 
 CHECKPOINT_FORMAT = 1
 # Options that may differ when resuming: they change when or how a run stops, not what any step computes.
-RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every")
+RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every", "select")
+# Which weights the model directory gets (`TrainConfig.select`).
+SELECTIONS = {
+    "best": "the epoch with the lowest validation reconstruction error of D(mu) (the paper's early stopping)",
+    "last": "the last iteration's",
+}
 # What `method` trains, in one line each (written into the model card).
 METHODS = {
     "ra": "Reversed Auto-Encoder: Soft-IntroVAE's encoder and decoder steps plus the reversed embedding loss",
@@ -48,7 +53,8 @@ INTROSPECTIVE = ("ra", "sivae")  # the methods trained by RA's two-step iteratio
 @dataclass(frozen=True)
 class TrainConfig:
     """Training options; the defaults are the paper's schedule. `batch_size` is the global batch (all ranks).
-    `method` is one of `METHODS`; "sivae" sets `weights.embedding` to 0, so the recorded weights are those used."""
+    `method` is one of `METHODS`; "sivae" sets `weights.embedding` to 0, so the recorded weights are those used.
+    `select` is one of `SELECTIONS`: which checkpoint the model directory is made from (it does not change training)."""
 
     method: str = "ra"
     epochs: int = 1500
@@ -61,12 +67,15 @@ class TrainConfig:
     amp: bool = False
     max_steps: int | None = None
     checkpoint_every: int = 500
+    select: str = "best"
     weights: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown weight selection {self.select!r}: use one of {', '.join(SELECTIONS)}")
         if self.method == "sivae":
             object.__setattr__(self, "weights", replace(self.weights, embedding=0.0))
 

@@ -189,8 +189,10 @@ def _prepare_data(sources, preset: PresetConfig, out: Path, cache_dir: Path | No
 
 def export_model(result: TrainResult, model_dir: Path, preset: PresetConfig, config: TrainConfig, data: dict,
                  command: list[str]) -> Path:
-    """Writes the model directory from the best checkpoint on disk (the latest when no epoch was validated)."""
-    source = result.best_checkpoint or result.latest_checkpoint
+    """Writes the model directory from the checkpoint that `config.select` names: the best on disk ("best"; the
+    latest when no epoch was validated) or the latest ("last")."""
+    best = result.best_checkpoint or result.latest_checkpoint
+    source = result.latest_checkpoint if config.select == "last" else best
     ckpt = load_checkpoint(source)
     state = ckpt["state"]
     card = {
