@@ -94,6 +94,22 @@ def test_early_stopping_after_patience_epochs_without_improvement(tmp_path, data
     assert [h["val_loss"] for h in t.state.history] == [1.0, 0.5, 0.7, 0.6, 0.9]
 
 
+@pytest.mark.parametrize("bias, collapsed", [(-100.0, True), (100.0, True), (0.0, False)])
+def test_a_network_collapsed_onto_its_saturated_sigmoid_is_reported(tmp_path, data, caplog, bias, collapsed):
+    events = []
+    t = make(tmp_path, data, progress=Progress(callback=events.append), epochs=2)
+    with torch.no_grad():  # the output sigmoid pushed to one flat end: all black (-100) or all white (+100)
+        t.model.decoder.main[-1].bias.fill_(bias)
+    t.fit()
+    warnings = [e for e in events if e["event"] == "warning"]
+    if collapsed:
+        assert [e["epoch"] for e in warnings] == [1, 2]
+        assert "collapsed" in warnings[0]["message"] and "--batchnorm batch" in warnings[0]["message"]
+        assert "collapsed" in caplog.text
+    else:  # a fresh network's output is about 0.5 everywhere: constant, but not collapsed
+        assert warnings == [] and "collapsed" not in caplog.text
+
+
 def test_cancelling_from_the_progress_callback_stops_cleanly_and_can_resume(tmp_path, data):
     seen = []
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-EVENTS = ("start", "step", "epoch", "checkpoint", "done", "error")
+EVENTS = ("start", "step", "epoch", "checkpoint", "warning", "done", "error")
 ProgressCallback = Callable[[dict], "bool | None"]
 
 

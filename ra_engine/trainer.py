@@ -235,6 +235,26 @@ def validation_loss(model: ReversedAutoEncoder, images: np.ndarray, device: torc
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 
+# Validation reconstructions all within this distance of 0 (or of 1) mean that the output sigmoid has saturated.
+SATURATION = 1e-3
+
+
+@torch.inference_mode()
+def reconstructions_saturated(model: ReversedAutoEncoder, images: np.ndarray, device: torch.device,
+                              count: int = 8) -> bool:
+    """True when D(mu(x)) of the first `count` slices of `images` (N, H, W) is all black (every value below
+    SATURATION) or all white: the network has collapsed onto its sigmoid's flat end, from which no gradient
+    recovers. (A freshly initialised network outputs about 0.5 everywhere, which is not flagged.)"""
+    if len(images) == 0:
+        return False
+    was_training = model.training
+    model.eval()
+    x = torch.from_numpy(np.asarray(images[:count], dtype=np.float32)).unsqueeze(1).to(device)
+    y = model.reconstruct(x)
+    model.train(was_training)
+    return float(y.max()) < SATURATION or float(y.min()) > 1 - SATURATION
+
+
 class Trainer:
     """Trains on `train_images` (N, H, W) float32 in [0, 1] (a memory map is fine), validates on `val_images`,
     and keeps `run_dir/checkpoints/{latest,best}.pt`. Only rank 0 writes files and progress."""
@@ -407,6 +427,7 @@ class Trainer:
         """Validates, keeps the best checkpoint, reports; True when early stopping ends the run."""
         state = self.state
         val = validation_loss(self.model, self.val_images, self.device, shard=self.shard)
+        collapsed = self.is_main and reconstructions_saturated(self.model, self.val_images, self.device)
         set_batchnorm_mode(self.model, self.config.batchnorm)
         state.history.append({"epoch": state.epoch, "step": state.step, "val_loss": val})
         if val < state.best_val:
@@ -419,6 +440,14 @@ class Trainer:
             if not self.progress.emit("epoch", epoch=state.epoch, step=state.step, total_steps=self.total_steps,
                                       val_loss=val):
                 self.stop_requested = True
+            if collapsed:
+                message = (f"the network has collapsed at epoch {state.epoch} (step {state.step}): its reconstructions "
+                           "of the validation slices are all black (or all white), and training does not recover "
+                           "from that. Stop it and train again with --overwrite --batchnorm batch (see the "
+                           "BatchNorm note in docs/BENCHMARKS.md)")
+                log.warning(message)
+                if not self.progress.emit("warning", epoch=state.epoch, step=state.step, message=message):
+                    self.stop_requested = True
         return state.epoch - state.best_epoch >= self.config.patience
 
     def _stop_reason(self) -> str | None:
