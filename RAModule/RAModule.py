@@ -560,7 +560,8 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._training = TrainingProcess(
             self.ui.trainDataLineEdit.text.strip(), self.ui.trainPresetSelector.currentText,
             self.ui.trainOutputPathLineEdit.currentPath, epochs=self.ui.trainEpochsSpinBox.value or None,
-            resume=self.ui.trainResumeCheckBox.checked)
+            resume=self.ui.trainResumeCheckBox.checked,
+            options={"batchnorm": ("reference", "batch")[self.ui.trainBatchNormComboBox.currentIndex]})
         self.ui.trainLogTextEdit.clear()
         self.ui.trainLogTextEdit.appendPlainText("$ " + self._training.commandLine)
         with slicer.util.tryWithErrorDisplay("Training could not start."):
@@ -576,7 +577,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainProgressBar.value = 0
         for widget in (self.ui.trainDataLineEdit, self.ui.trainDataFolderButton, self.ui.trainDataCsvButton,
                        self.ui.trainPresetSelector, self.ui.trainOutputPathLineEdit, self.ui.trainEpochsSpinBox,
-                       self.ui.trainResumeCheckBox):
+                       self.ui.trainBatchNormComboBox, self.ui.trainResumeCheckBox):
             widget.enabled = not running
         if not running:
             self._updateTrainButton()
