@@ -35,11 +35,9 @@ log = logging.getLogger("ra_engine.train")
 CHECKPOINT_FORMAT = 1
 # Options that may differ when resuming: they change when or how a run stops, not what any step computes.
 RESUMABLE_CHANGES = ("epochs", "patience", "max_steps", "checkpoint_every", "select")
-# Which weights the model directory gets (`TrainConfig.select`).
-SELECTIONS = {
-    "best": "the epoch with the lowest validation reconstruction error of D(mu) (the paper's early stopping)",
-    "last": "the last iteration's",
-}
+# Which weights the model directory gets (`TrainConfig.select`): those of the epoch with the lowest validation
+# reconstruction error of D(mu) (the paper's early stopping), or the last iteration's.
+SELECTIONS = ("best", "last")
 # What `method` trains, in one line each (written into the model card).
 METHODS = {
     "ra": "Reversed Auto-Encoder: Soft-IntroVAE's encoder and decoder steps plus the reversed embedding loss",
