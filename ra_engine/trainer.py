@@ -233,16 +233,18 @@ def validation_loss(model: ReversedAutoEncoder, images: np.ndarray, device: torc
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
 
-# Validation reconstructions all within this distance of 0 (or of 1) mean that the output sigmoid has saturated.
-SATURATION = 1e-3
+# A network whose reconstructions keep less than this share of their inputs' brightness (or of their darkness) has
+# collapsed onto one flat end of its output sigmoid.
+COLLAPSE_RATIO = 0.01
 
 
 @torch.inference_mode()
 def reconstructions_saturated(model: ReversedAutoEncoder, images: np.ndarray, device: torch.device,
                               count: int = 8) -> bool:
-    """True when D(mu(x)) of the first `count` slices of `images` (N, H, W) is all black (every value below
-    SATURATION) or all white: the network has collapsed onto its sigmoid's flat end, from which no gradient
-    recovers. (A freshly initialised network outputs about 0.5 everywhere, which is not flagged.)"""
+    """True when D(mu(x)) of the first `count` slices of `images` (N, H, W) is all but black (its mean below
+    COLLAPSE_RATIO times the inputs' mean) or all but white (the same for 1 - x): the network has collapsed onto
+    its sigmoid's flat end, from which no gradient recovers. Relative to the inputs, so that nearly empty slices are
+    not taken for a collapse; a freshly initialised network (about 0.5 everywhere) is not flagged."""
     if len(images) == 0:
         return False
     was_training = model.training
@@ -250,7 +252,9 @@ def reconstructions_saturated(model: ReversedAutoEncoder, images: np.ndarray, de
     x = torch.from_numpy(np.asarray(images[:count], dtype=np.float32)).unsqueeze(1).to(device)
     y = model.reconstruct(x)
     model.train(was_training)
-    return float(y.max()) < SATURATION or float(y.min()) > 1 - SATURATION
+    black = float(y.mean()) < COLLAPSE_RATIO * float(x.mean())
+    white = float((1 - y).mean()) < COLLAPSE_RATIO * float((1 - x).mean())
+    return black or white
 
 
 class Trainer:
