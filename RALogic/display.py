@@ -2,6 +2,7 @@
 foreground = the anomaly map (heat colours, partly transparent), label = the detections label map."""
 from __future__ import annotations
 
+from .geometry import modifying
 from .parameters import validate_opacity
 
 
@@ -17,13 +18,12 @@ def show_results(scene, input_node, anomaly_node, detections_node, opacity: floa
     node_id = lambda node: node.GetID() if node is not None else None
     views = _composite_nodes(scene)
     for composite in views:
-        was = composite.StartModify()
-        composite.SetBackgroundVolumeID(node_id(input_node))
-        composite.SetForegroundVolumeID(node_id(anomaly_node))
-        composite.SetForegroundOpacity(opacity)
-        composite.SetLabelVolumeID(node_id(detections_node))
-        composite.SetLabelOpacity(1.0)
-        composite.EndModify(was)
+        with modifying(composite):
+            composite.SetBackgroundVolumeID(node_id(input_node))
+            composite.SetForegroundVolumeID(node_id(anomaly_node))
+            composite.SetForegroundOpacity(opacity)
+            composite.SetLabelVolumeID(node_id(detections_node))
+            composite.SetLabelOpacity(1.0)
     return len(views)
 
 

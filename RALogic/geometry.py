@@ -144,7 +144,7 @@ def set_volume_from_image(node, image: Image, matrix: np.ndarray | None = None, 
                 and np.allclose(expected.direction, image.geometry.direction, atol=1e-6)):
             raise ValueError(f"the result's geometry {image.geometry} does not match the IJK-to-RAS given "
                              f"({expected}): the result does not belong to this volume")
-    with _modifying(node):
+    with modifying(node):
         set_volume_geometry(node, matrix)
         set_volume_array(node, np.asarray(array).astype(dtype, copy=False))
 
@@ -159,8 +159,9 @@ def _name(node) -> str:
 
 
 @contextmanager
-def _modifying(node):
-    """Batches a node's Modified events: one event after several changes (StartModify/EndModify)."""
+def modifying(node):
+    """Batches an MRML node's Modified events: one event after several changes (StartModify/EndModify), also
+    when a change raises."""
     was = node.StartModify()
     try:
         yield

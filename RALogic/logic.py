@@ -24,7 +24,7 @@ from typing import Callable
 from ra_engine.errors import Cancelled, DataError, ModelError, RAError
 
 from . import display, outputs
-from .geometry import array_ijk_to_ras, image_from_volume
+from .geometry import array_ijk_to_ras, image_from_volume, modifying
 from .parameters import RAParameters, parameter_node, validate_device, validate_flag_rate
 
 Progress = Callable[[int, int], "bool | None"]
@@ -176,8 +176,7 @@ class RALogic:
         nodes = outputs.write_outputs(self.scene, node, matrix, found.pseudo_healthy, found.anomaly, found.mask,
                                       detections)
         params = self.parameters
-        was = params.node.StartModify()
-        try:
+        with modifying(params.node):
             params.inputVolume = node
             params.outputs = nodes
             params.report = report
@@ -185,8 +184,6 @@ class RALogic:
             if flagRate is not None:
                 params.flagRate = rate
             params.device = device
-        finally:
-            params.node.EndModify(was)
         self._last = _Job(node, found, matrix, extra)
         return self._result(node, nodes, report)
 
@@ -288,13 +285,10 @@ class RALogic:
             nodes = outputs.write_outputs(self.scene, job.inputNode, job.matrix, detection.pseudo_healthy,
                                           detection.anomaly, detection.mask, detections)
         params = self.parameters
-        was = params.node.StartModify()
-        try:
+        with modifying(params.node):
             params.flagRate = rate
             params.report = report
             params.outputs = nodes
-        finally:
-            params.node.EndModify(was)
         return self._result(job.inputNode, nodes, report)
 
     def setOpacity(self, opacity: float) -> None:

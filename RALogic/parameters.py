@@ -11,6 +11,8 @@ import math
 
 from ra_engine.calibration import FLAG_RATES
 
+from .geometry import modifying
+
 MODULE_NAME = "RAModule"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FLAG_RATE_RANGE = (FLAG_RATES[0], FLAG_RATES[-1])  # the calibrated range of every model card: 0.001 to 0.2
@@ -77,13 +79,10 @@ class RAParameters:
         unknown = set(nodes) - set(OUTPUT_ROLES)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}: use {', '.join(OUTPUT_ROLES)}")
-        was = self.node.StartModify()
-        try:
+        with modifying(self.node):
             for role in OUTPUT_ROLES:
                 node = nodes.get(role)
                 self.node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
-        finally:
-            self.node.EndModify(was)
 
     # ---- values -------------------------------------------------------------------------------------------------
 
