@@ -15,8 +15,8 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFilter
 from scipy.ndimage import binary_fill_holes
 
-from ra_engine.demo import LESION_CENTRE_LPS, insert_lesion
-from ra_engine.imageio import read_image
+from ra_engine.demo import insert_lesion, LESION_CENTRE_LPS
+from ra_engine.io.images import read_image
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = ROOT / "ra_engine" / "resources" / "reference" / "head.nii.gz"

@@ -15,11 +15,11 @@ import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.colors import LinearSegmentedColormap
 
-from ra_engine.demo import LESION_CENTRE_LPS, insert_lesion
-from ra_engine.detect import detect
-from ra_engine.imageio import read_image
-from ra_engine.card import NOTICE
-from ra_engine.modeldir import load_model
+from ra_engine.demo import insert_lesion, LESION_CENTRE_LPS
+from ra_engine.detection.pipeline import detect
+from ra_engine.io.images import read_image
+from ra_engine.models.card import NOTICE
+from ra_engine.models.modeldir import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = ROOT / "ra_engine" / "resources" / "reference" / "head.nii.gz"

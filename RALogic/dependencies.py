@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from ra_engine.errors import RAError
+from ra_engine import RAError
 
 TORCH_REQUIREMENT = ">=2.1"  # pyproject.toml's torch requirement, passed on to PyTorchUtils
 TORCH_DISTRIBUTIONS = ("torch", "torchvision", "torchaudio")

@@ -17,8 +17,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from ra_engine.errors import DataError
-from ra_engine.image import Geometry, Image
+from ra_engine import DataError, Geometry, Image
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Voxel types of the outputs: the engine's results are float32, detections uint8.

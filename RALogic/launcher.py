@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ra_engine
-from ra_engine.errors import DataError, RAError
+from ra_engine import DataError, RAError
 
 EventCallback = Callable[[dict], None]
 # Arguments the launcher sets itself; `options` may not override them.
@@ -157,14 +157,11 @@ class TrainingProcess:
         """Raises DataError / RAError, with what to do, for a run that `ra train` would refuse: no data, data
         without usable scans, an unknown preset, an existing run folder without resume or overwrite, resume without
         a checkpoint. Sets `sourceCount`."""
-        from ra_engine.preprocess import PRESETS
-        from ra_engine.sources import list_sources
-
         if not self.data:
             raise DataError("no training data given: choose a folder of normal scans, a CSV file with an 'image' "
                             "column, or a list of scan files")
-        if self.preset not in PRESETS:
-            raise DataError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if self.preset not in ra_engine.PRESETS:
+            raise DataError(f"unknown preset {self.preset!r}: choose one of {', '.join(ra_engine.PRESETS)}")
         if self.resume and self.overwrite:
             raise RAError("resume and overwrite exclude each other: choose one")
         if self.resume:
@@ -177,7 +174,7 @@ class TrainingProcess:
         elif self.out.exists() and not self.out.is_dir():
             raise RAError(f"output folder {self.out} is a file: choose a folder")
         # One folder, CSV file or glob is a specification of its own; several are a list of files and folders.
-        self.sourceCount = len(list_sources(self.data[0] if len(self.data) == 1 else list(self.data)))
+        self.sourceCount = len(ra_engine.list_sources(self.data[0] if len(self.data) == 1 else list(self.data)))
         if not Path(self.python).is_file():
             raise RAError(f"the Python executable {self.python} does not exist")
 

@@ -19,16 +19,19 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ra_engine.errors import Cancelled, DataError, ModelError, RAError
+import ra_engine
+from ra_engine import Cancelled, DataError, ModelError, ProgressFn, RAError
+from ra_engine.models.card import CARD_FILE, WEIGHTS_FILE
 
 from . import display, outputs
 from .geometry import array_ijk_to_ras, image_from_volume, modifying
-from .parameters import RAParameters, parameter_node, validate_device, validate_flag_rate
-
-Progress = Callable[[int, int], "bool | None"]
-"""progress(done, total): slices processed so far and in all, after each batch of the network; False cancels."""
+from .parameters import (
+    RAParameters,
+    parameter_node,
+    validate_device,
+    validate_flag_rate,
+)
 
 
 class SceneClosed(RAError):
@@ -54,7 +57,7 @@ class _Job:
     """The last detection, kept (arrays on the input's grid) so that the flag rate can change without the network."""
 
     inputNode: object
-    detection: object  # ra_engine.detect.Detection
+    detection: object  # ra_engine's Detection
     matrix: object  # IJK-to-RAS (4, 4) of the outputs
     extra: dict  # report entries added by the logic
 
@@ -104,36 +107,28 @@ class RALogic:
     # ---- models -------------------------------------------------------------------------------------------------
 
     def loadModel(self, nameOrPath: str | Path, device: str = "auto"):
-        """The `ra_engine.modeldir.RAModel` named by a registered or bundled model name or a model directory, on
-        `device` ("auto": CUDA, then MPS, then the CPU). Kept: a second call with the same model and device returns
-        the same object, unless the model's files changed since."""
-        from ra_engine.card import CARD_FILE, WEIGHTS_FILE
-        from ra_engine.devices import resolve_device
-        from ra_engine.modeldir import load_model
-        from ra_engine.registry import resolve_model
-
-        path = resolve_model(nameOrPath).resolve()
-        torch_device = resolve_device(validate_device(device))
-        key = (str(path), str(torch_device))
+        """The `RAModel` named by a registered or bundled model name, a model directory or a run folder, on `device`
+        ("auto": CUDA, then MPS, then the CPU). Kept: a second call with the same model and device returns the same
+        object, unless the model's files changed since."""
+        path = ra_engine.resolve_model(nameOrPath).resolve()
+        key = (str(path), validate_device(device))
         stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
                       for f in (path / CARD_FILE, path / WEIGHTS_FILE))
         kept = self._models.get(key)
         if kept is None or kept[0] != stamp:
-            self._models[key] = (stamp, load_model(path, torch_device))
+            self._models[key] = (stamp, ra_engine.load_model(path, device))
         return self._models[key][1]
 
     def _scorer(self, model):
-        from ra_engine.detect import scorer_for
-
-        key = ((model.card.get("lpips") or {}).get("backbone", "alex"), str(model.device))
+        key = (model.card.lpips_backbone, str(model.device))
         if key not in self._scorers:
-            self._scorers[key] = scorer_for(model)
+            self._scorers[key] = ra_engine.make_scorer(model)
         return self._scorers[key]
 
     # ---- detection ----------------------------------------------------------------------------------------------
 
     def detect(self, inputVolumeNode=None, model=None, flagRate: float | None = None, device: str | None = None,
-               progress: Progress | None = None, force: bool = False) -> RAResult:
+               progress: ProgressFn | None = None, force: bool = False) -> RAResult:
         """Runs the model on a scalar volume node and creates (first run) or updates (later runs on the same input)
         its output nodes; records inputs, outputs and report on the parameter node.
 
@@ -144,8 +139,6 @@ class RALogic:
         the input's DICOM modality (subject hierarchy attribute) is not the model's.
         The engine sees the node's voxels as (z, y, x) with LPS geometry (`geometry`); the input node, its voxels,
         name and attributes are never modified."""
-        from ra_engine.calibration import threshold_for
-
         existing = parameter_node(self.scene, create=False)  # read only: the scene stays as it is until the end
         params = RAParameters(existing) if existing is not None else None
         node = inputVolumeNode if inputVolumeNode is not None or params is None else params.inputVolume
@@ -157,12 +150,7 @@ class RALogic:
         rate = validate_flag_rate(flagRate) if flagRate is not None else params.flagRate if params else None
         device = validate_device(device) if device is not None else params.device if params else "auto"
         loaded = chosen if hasattr(chosen, "card") and hasattr(chosen, "network") else self.loadModel(chosen, device)
-        calibration = loaded.card.get("calibration")
-        if not calibration:
-            raise ModelError(f"the model {loaded.path} has no calibration (no table that turns a flag rate into a "
-                             "threshold): calibrate it with `ra calibrate` on held-out normal scans")
-        threshold = threshold_for(calibration, rate)
-        used_rate = rate if rate is not None else float(calibration["default_flag_rate"])
+        threshold, used_rate = ra_engine.resolve_threshold(loaded.card.calibration, rate, model=str(loaded.path))
 
         image = image_from_volume(node)
         modality = self._modality(node)
@@ -187,11 +175,9 @@ class RALogic:
         self._last = _Job(node, found, matrix, extra)
         return self._result(node, nodes, report)
 
-    def _run(self, model, image, progress: Progress | None, force: bool, node):
+    def _run(self, model, image, progress: ProgressFn | None, force: bool, node):
         """The engine's detection; cancelled (`SceneClosed`) as soon as the scene is closed, and refused afterwards
         when the scene was closed or `node` removed meanwhile."""
-        from ra_engine.detect import detect as run_detection
-
         closes = self._closes
 
         def engine_progress(done: int, total: int):
@@ -200,7 +186,7 @@ class RALogic:
             return progress(done, total) if progress is not None else None
 
         try:
-            found = run_detection(model, image, self._scorer(model), progress=engine_progress, force=force)
+            found = ra_engine.detect(model, image, scorer=self._scorer(model), progress=engine_progress, force=force)
         except Cancelled:
             self._checkScene(closes, node)
             raise

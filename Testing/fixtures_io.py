@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.transform import resize
 
-from ra_engine.image import Geometry, Image
+from ra_engine.core.image import Geometry, Image
 
 SLICE_SIZE = 32
 

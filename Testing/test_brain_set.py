@@ -14,9 +14,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import anomalies  # noqa: E402
 import brain_set  # noqa: E402
-from ra_engine.image import Geometry, Image  # noqa: E402
-from ra_engine.imageio import read_image  # noqa: E402
-from ra_engine.sources import list_sources  # noqa: E402
+from ra_engine.core.image import Geometry, Image  # noqa: E402
+from ra_engine.io.images import read_image  # noqa: E402
+from ra_engine.io.sources import list_sources  # noqa: E402
 
 LEVELS = {"csf": 30.0, "gm": 80.0, "wm": 110.0}
 

@@ -3,33 +3,35 @@ become percentiles of normal, whole-scan percentiles need 20 scans, and the card
 weights' checksum intact. A tiny random-weight xray model and the real LPIPS AlexNet keep it fast."""
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from ra_engine.calibrate_cli import add_calibrate_parser
-from ra_engine.calibration import (FLAG_RATES, MAX_QUANTILES, MIN_SCANS_FOR_SCAN_SCORES, PixelSample,
-                                   calibrate_model, calibration_table, percentile_of_normal, score_distribution,
-                                   threshold_for)
-from ra_engine.detect import detect
-from ra_engine.errors import Cancelled, DataError
-from ra_engine.imageio import read_image
-from ra_engine.model import ArchConfig, ReversedAutoEncoder
-from ra_engine.card import sha256_of
-from ra_engine.modeldir import load_model, save_model_dir
-from ra_engine.preprocess import preset_config
-from ra_engine.progress import Progress
-from ra_engine.sources import list_sources
+from ra_engine.cli.calibrate import add_calibrate_parser
+from ra_engine.thresholds.table import (calibration_table, FLAG_RATES, MAX_QUANTILES, MIN_SCANS_FOR_SCAN_SCORES, percentile_of_normal, score_distribution)
+from ra_engine.thresholds.sampling import PixelSample
+from ra_engine.calibration.calibrate import calibrate_model
+from ra_engine.detection.pipeline import detect
+from ra_engine.core.errors import Cancelled, DataError
+from ra_engine.io.images import read_image
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ReversedAutoEncoder
+from ra_engine.core.files import sha256_of
+from ra_engine.models.card import ModelCard
+from ra_engine.models.modeldir import load_model, save_model_dir
+from ra_engine.preprocess.presets import preset_config
+from ra_engine.core.progress import Progress
+from ra_engine.io.sources import list_sources
 
 
 def make_model(folder, name="tiny"):
     torch.manual_seed(0)
     arch = ArchConfig(image_size=32, latent_dim=4, widths=(4, 8))
-    save_model_dir(folder, ReversedAutoEncoder(arch).state_dict(), arch,
-                   {"name": name, "preset": preset_config("xray", image_size=32).to_dict(),
-                    "lpips": {"backbone": "alex"}, "calibration": None})
+    save_model_dir(folder, ReversedAutoEncoder(arch).state_dict(),
+                   ModelCard(name=name, architecture=arch, preset=preset_config("xray", image_size=32)))
     return folder
 
 
@@ -65,51 +67,53 @@ def calibrated(tmp_path_factory, scorer):
 
 def test_stored_thresholds_flag_the_requested_share_of_the_normal_pixels(calibrated):
     model_dir, section, _, pooled, _ = calibrated
-    assert section["n_pixels"] == section["n_foreground_pixels"] == pooled.size, "small data: every pixel is kept"
-    card = load_model(model_dir).card["calibration"]
+    assert section.n_pixels == section.n_foreground_pixels == pooled.size, "small data: every pixel is kept"
+    card = load_model(model_dir).card.calibration
     for rate in (0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.2):
-        share = np.mean(pooled >= threshold_for(card, rate))
+        share = np.mean(pooled >= card.threshold(rate))
         assert abs(share - rate) <= 0.05 * rate + 2 / pooled.size, (rate, share)
-    assert threshold_for(card) == threshold_for(card, 0.05), "the default flag rate is 5%"
+    assert card.threshold() == card.threshold(0.05), "the default flag rate is 5%"
 
 
 def test_thresholds_fall_monotonically_as_the_flag_rate_grows(calibrated):
     section = calibrated[1]
-    assert section["flag_rates"] == list(FLAG_RATES) and np.all(np.diff(section["flag_rates"]) > 0)
-    assert np.all(np.diff(section["thresholds"]) <= 0)
-    dense = [threshold_for(section, r) for r in np.geomspace(0.001, 0.2, 200)]
+    assert section.flag_rates == list(FLAG_RATES) and np.all(np.diff(section.flag_rates) > 0)
+    assert np.all(np.diff(section.thresholds) <= 0)
+    dense = [section.threshold(r) for r in np.geomspace(0.001, 0.2, 200)]
     assert np.all(np.diff(dense) <= 0) and dense[0] > dense[-1]
 
 
 def test_scores_are_reported_as_percentiles_of_normal(calibrated):
     _, section, _, _, scan_scores = calibrated
-    assert section["slice_scores"]["n"] == section["scan_scores"]["n"] == MIN_SCANS_FOR_SCAN_SCORES
-    np.testing.assert_allclose(section["scan_scores"]["quantiles"], np.sort(scan_scores), rtol=1e-6)
-    ranks = [percentile_of_normal(s, section["scan_scores"]) for s in np.sort(scan_scores)]
+    assert section.slice_scores["n"] == section.scan_scores["n"] == MIN_SCANS_FOR_SCAN_SCORES
+    np.testing.assert_allclose(section.scan_scores["quantiles"], np.sort(scan_scores), rtol=1e-6)
+    ranks = [percentile_of_normal(s, section.scan_scores) for s in np.sort(scan_scores)]
     np.testing.assert_allclose(ranks, np.linspace(0, 100, len(scan_scores)), atol=1e-6)
-    assert percentile_of_normal(scan_scores.max() * 2, section["scan_scores"]) == 100.0
-    assert percentile_of_normal(scan_scores.min() / 2, section["scan_scores"]) == 0.0
+    assert percentile_of_normal(scan_scores.max() * 2, section.scan_scores) == 100.0
+    assert percentile_of_normal(scan_scores.min() / 2, section.scan_scores) == 0.0
 
 
 def test_the_card_is_rewritten_with_the_scans_used_and_the_weights_untouched(calibrated):
     model_dir, section, before, _, _ = calibrated
     old = json.loads(before)
     model = load_model(model_dir)  # verifies the weights against the card's sha256
-    assert model.card["weights_sha256"] == old["weights_sha256"] == sha256_of(model_dir / "model.safetensors")
-    assert {k: v for k, v in model.card.items() if k != "calibration"} == {k: v for k, v in old.items()
-                                                                              if k != "calibration"}
-    assert model.card["calibration"] == json.loads(json.dumps(section))
+    assert model.card.weights_sha256 == old["weights_sha256"] == sha256_of(model_dir / "model.safetensors")
+    assert {k: v for k, v in model.card.to_dict().items() if k != "calibration"} == {
+        k: v for k, v in old.items() if k != "calibration"}
+    assert model.card.calibration == section
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors"], "no temporary files"
-    scans = section["scans"]
-    assert len(scans) == MIN_SCANS_FOR_SCAN_SCORES and section["skipped"] == []
-    assert all(s["sha256"] == sha256_of(s["path"]) and s["bytes"] > 0 and s["slices"] == 1 for s in scans)
-    assert section["scorer"] == {"lpips": "alex", "sigma": 2.0}
+    scans = section.scans
+    assert len(scans) == MIN_SCANS_FOR_SCAN_SCORES and section.skipped == []
+    normals = model_dir.parent / "normals"
+    assert all(s["sha256"] == sha256_of(normals / s["file"]) and s["bytes"] > 0 and s["slices"] == 1 for s in scans)
+    assert not any(Path(s["file"]).is_absolute() for s in scans), "no path of this machine in the card"
+    assert section.scorer == {"lpips": "alex", "sigma": 2.0}
 
 
 def test_whole_scan_percentiles_need_twenty_scans(calibrated, tmp_path, scorer):
     normals = sorted((calibrated[0].parent / "normals").glob("*.png"))
     section = calibrate_model(make_model(tmp_path / "m"), normals[:MIN_SCANS_FOR_SCAN_SCORES - 1], scorer=scorer)
-    assert section["scan_scores"] is None and section["slice_scores"]["n"] == MIN_SCANS_FOR_SCAN_SCORES - 1
+    assert section.scan_scores is None and section.slice_scores["n"] == MIN_SCANS_FOR_SCAN_SCORES - 1
 
 
 def test_unusable_scans_are_skipped_and_listed(tmp_path, scorer):
@@ -117,19 +121,19 @@ def test_unusable_scans_are_skipped_and_listed(tmp_path, scorer):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((40, 30), 7, np.uint16)), str(normals / "blank.png"))
     with pytest.warns(UserWarning, match="skipping .*blank.png"):
         section = calibrate_model(make_model(tmp_path / "m"), normals, scorer=scorer)
-    assert len(section["scans"]) == 3 and [s["path"] for s in section["skipped"]] == [str(normals / "blank.png")]
-    assert "constant image" in section["skipped"][0]["reason"]
+    assert len(section.scans) == 3 and [s["path"] for s in section.skipped] == ["blank.png"]
+    assert "constant image" in section.skipped[0]["reason"]
 
 
 def test_out_of_range_flag_rates_are_refused_with_a_clear_message(calibrated, tmp_path):
     section = calibrated[1]
     for rate in (0.0005, 0.25, float("nan")):
         with pytest.raises(DataError, match="outside the calibrated range 0.001 to 0.2"):
-            threshold_for(section, rate)
+            section.threshold(rate)
     with pytest.raises(DataError, match=r"did you mean 0.05, i.e. 5%"):
-        threshold_for(section, 5)
+        section.threshold(5)
     with pytest.raises(DataError, match="not a number"):
-        threshold_for(section, "five")
+        section.threshold("five")
     with pytest.raises(DataError, match="outside the calibrated range"):
         calibrate_model(tmp_path / "no-model-needed", tmp_path, flag_rate=0.3)  # refused before any work
     with pytest.raises(DataError, match="outside the calibrated range"):
@@ -148,7 +152,7 @@ def test_a_cancelled_or_failed_calibration_leaves_the_card_as_it_was(tmp_path, s
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ra_engine.atomic.os.replace", fail)
+    monkeypatch.setattr("ra_engine.core.files.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         calibrate_model(model_dir, normals, scorer=scorer)
     assert (model_dir / "model.json").read_bytes() == before
@@ -193,7 +197,7 @@ def test_the_pixel_sample_is_uniform_bounded_reproducible_and_accurate_in_the_ta
     table = calibration_table(samples[0])
     for rate in (0.001, 0.01, 0.05, 0.2):
         # relative standard error sqrt((1 - p) / (p K)): 5% at 0.1% for K = 400,000; allow 4 of them
-        assert np.mean(pooled >= threshold_for(table, rate)) == pytest.approx(rate, rel=0.2 if rate < 0.01 else 0.05)
+        assert np.mean(pooled >= table.threshold(rate)) == pytest.approx(rate, rel=0.2 if rate < 0.01 else 0.05)
     small = PixelSample(capacity=10)
     small.add(np.arange(4))
     small.add(np.arange(4, 10))
@@ -209,7 +213,7 @@ def run_cli(*argv) -> int:
 
 
 def test_ra_calibrate_by_registered_name_with_progress(tmp_path, alex_safetensors, monkeypatch, capsys):
-    from ra_engine.registry import import_model
+    from ra_engine.models.install import import_model
 
     monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
     monkeypatch.setenv("RA_MODELS_DIR", str(tmp_path / "registry"))
@@ -219,16 +223,16 @@ def test_ra_calibrate_by_registered_name_with_progress(tmp_path, alex_safetensor
     argv = ["--model", "xr", "--data", str(normals), "--flag-rate", "1%", "--device", "cpu",
             "--progress-json", str(events)]
     assert run_cli(*argv) == 0
-    calibration = load_model(path).card["calibration"]
-    assert calibration["default_flag_rate"] == 0.01 and calibration["command"] == ["ra", "calibrate", *argv]
-    assert threshold_for(calibration) == threshold_for(calibration, 0.01)
+    calibration = load_model(path).card.calibration
+    assert calibration.default_flag_rate == 0.01 and calibration.command == ["ra", "calibrate", *argv]
+    assert calibration.threshold() == calibration.threshold(0.01)
     assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == ["start", "step", "step", "done"]
     assert "flag rate   1.0%: threshold" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         run_cli("--model", "xr", "--data", str(normals), "--flag-rate", "30%")
     assert "outside the calibrated range" in capsys.readouterr().err
-    from ra_engine.errors import ModelError
+    from ra_engine.core.errors import ModelError
 
     with pytest.raises(ModelError, match="registered models: xr"):
         run_cli("--model", "missing", "--data", str(normals))

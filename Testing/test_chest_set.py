@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import chest_set  # noqa: E402
 import drr  # noqa: E402
-from ra_engine.errors import ModelError  # noqa: E402
-from ra_engine.imageio import read_image  # noqa: E402
-from ra_engine.sources import list_sources  # noqa: E402
+from ra_engine.core.errors import ModelError  # noqa: E402
+from ra_engine.io.images import read_image  # noqa: E402
+from ra_engine.io.sources import list_sources  # noqa: E402
 
 
 def ball(n: int, spacing: float, radius: float, centre=(0.0, 0.0, 0.0), subsamples: int = 4):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from skimage import exposure
 from skimage.exposure._adapthist import clip_histogram
 
-from ra_engine.clahe import NBINS, _clip_histograms, clahe_torch, kernel_size_for
-from ra_engine.imageio import read_image
+from ra_engine.scoring.clahe import _clip_histograms, clahe_torch, kernel_size_for, NBINS
+from ra_engine.io.images import read_image
 
 RESOURCES = Path(__file__).resolve().parents[1] / "ra_engine" / "resources"
 SCANS = ["samples/mni152_2009a_t1.nii.gz", "samples/itk_subject_t1.nii.gz", "samples/fsl_mni152_t1_brain.nii.gz",

@@ -1,12 +1,13 @@
 """`ra train` end to end on tiny data: model directory, refusals, resume, progress, bad input."""
 import json
+from pathlib import Path
 
 import pytest
 
 import ra_engine
 from fixtures_io import write_radiographs
 from ra_engine.cli import main
-from ra_engine.card import sha256_of
+from ra_engine.core.files import sha256_of
 
 TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
         "--lr", "1e-3", "--device", "cpu", "--quiet", "--no-calibrate"]
@@ -28,15 +29,15 @@ def test_train_writes_a_loadable_model_directory_with_its_card(radiographs, tmp_
     assert train(radiographs, out, "--epochs", "2", "--progress-json", str(progress)) == 0
     model = ra_engine.load_model(out / "model")
     card = model.card
-    assert card["architecture"]["widths"] == [4, 8] and card["architecture"]["image_size"] == 16
-    assert card["preset"]["name"] == "xray" and card["preset"]["flip"] is False
-    assert card["training"]["config"]["augment"]["flip"] is False
-    assert card["training"]["stopped_by"] == "epochs" and card["training"]["epochs"] == 2
-    assert card["training"]["data"]["sources"] == 8 and card["training"]["data"]["val_slices"] >= 1
-    assert card["training"]["command"] == ["ra", "train", "--data", str(radiographs), "--out", str(out), *TINY,
+    assert card.architecture.widths == (4, 8) and card.architecture.image_size == 16
+    assert card.preset.name == "xray" and card.preset.flip is False
+    assert card.training.config["augment"]["flip"] is False
+    assert card.training.stopped_by == "epochs" and card.training.epochs == 2
+    assert card.training.data["sources"] == 8 and card.training.data["val_slices"] >= 1
+    assert card.training.command == ["ra", "train", "--data", str(radiographs), "--out", str(out), *TINY,
                                            "--epochs", "2", "--progress-json", str(progress)]
-    assert card["weights_sha256"] == sha256_of(out / "model" / "model.safetensors")
-    assert "not for diagnosis" in card["notice"]
+    assert card.weights_sha256 == sha256_of(out / "model" / "model.safetensors")
+    assert "not for diagnosis" in card.notice
     assert (out / "train.log").read_text().count("val_loss") == 2
     events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
     assert "start" in events and events[-1] == "done" and events.count("epoch") == 2
@@ -48,26 +49,26 @@ def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(radiograph
     assert train(radiographs, out, "--max-steps", "2") == 2
     assert "already exists" in capsys.readouterr().err
     assert train(radiographs, out, "--max-steps", "5", "--resume") == 0
-    training = ra_engine.load_model(out / "model").card["training"]
-    assert training["steps"] == 5 and training["weights_from"] == "best.pt" and training["weights_step"] == 3
+    training = ra_engine.load_model(out / "model").card.training
+    assert training.steps == 5 and training.weights_from == "best.pt" and training.weights_step == 3
     assert train(radiographs, out, "--max-steps", "1", "--overwrite") == 0
-    assert ra_engine.load_model(out / "model").card["training"]["steps"] == 1
+    assert ra_engine.load_model(out / "model").card.training.steps == 1
 
 
 def test_select_last_gives_the_last_iterations_weights_and_a_finished_run_can_be_exported_again(radiographs,
                                                                                                  tmp_path):
     from safetensors.torch import load_file
-    from ra_engine.checkpoint import load_checkpoint
+    from ra_engine.training.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     assert train(radiographs, out, "--max-steps", "5") == 0
-    best = ra_engine.load_model(out / "model").card["training"]
-    assert best["weights_from"] == "best.pt" and best["weights_step"] == 3 and best["config"]["select"] == "best"
+    best = ra_engine.load_model(out / "model").card.training
+    assert best.weights_from == "best.pt" and best.weights_step == 3 and best.config["select"] == "best"
     # Resuming the finished run with --select last trains nothing more and writes the model from latest.pt.
     assert train(radiographs, out, "--max-steps", "5", "--resume", "--select", "last") == 0
-    last = ra_engine.load_model(out / "model").card["training"]
-    assert last["weights_from"] == "latest.pt" and last["weights_step"] == 5 and last["steps"] == 5
-    assert last["config"]["select"] == "last"
+    last = ra_engine.load_model(out / "model").card.training
+    assert last.weights_from == "latest.pt" and last.weights_step == 5 and last.steps == 5
+    assert last.config["select"] == "last"
     latest = load_checkpoint(out / "checkpoints" / "latest.pt")["model"]
     exported = load_file(out / "model" / "model.safetensors")
     assert exported.keys() == latest.keys() and all(exported[k].equal(latest[k]) for k in latest)
@@ -91,22 +92,24 @@ def test_training_ends_with_calibration_on_the_held_out_scans(radiographs, tmp_p
     assert main(["train", "--data", str(radiographs), "--out", str(out), *args, "--max-steps", "2",
                  "--val-fraction", "0.4"]) == 0
     card = ra_engine.load_model(out / "model").card
-    held_out = card["training"]["data"]["val_sources"]
-    assert held_out and [s["path"] for s in card["calibration"]["scans"]] == held_out
-    assert card["calibration"]["thresholds"] == sorted(card["calibration"]["thresholds"], reverse=True)
+    held_out = card.training.data["held_out"]
+    assert held_out and [s["file"] for s in card.calibration.scans] == [s["file"] for s in held_out]
+    assert [s["sha256"] for s in card.calibration.scans] == [s["sha256"] for s in held_out]
+    assert not any(Path(s["file"]).is_absolute() for s in held_out), "no path of this machine in the card"
+    assert card.calibration.thresholds == sorted(card.calibration.thresholds, reverse=True)
 
 
 def test_without_lpips_weights_the_model_is_kept_and_the_log_says_how_to_calibrate(radiographs, tmp_path,
                                                                                   monkeypatch):
-    from ra_engine import lpips_weights
-    from ra_engine.errors import ModelError
+    from ra_engine.scoring import scorer as scorer_module
+    from ra_engine.core.errors import ModelError
 
     def offline(*args, **kwargs):
         raise ModelError("no LPIPS weights offline")
 
-    monkeypatch.setattr(lpips_weights, "load_lpips", offline)
+    monkeypatch.setattr(scorer_module, "load_lpips", offline)
     out = tmp_path / "run"
     args = [a for a in TINY if a != "--no-calibrate"]
     assert main(["train", "--data", str(radiographs), "--out", str(out), *args, "--max-steps", "1"]) == 0
-    assert ra_engine.load_model(out / "model").card["calibration"] is None
+    assert ra_engine.load_model(out / "model").card.calibration is None
     assert "ra calibrate --model" in (out / "train.log").read_text()

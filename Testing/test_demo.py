@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ra_engine.cli import main
-from ra_engine.imageio import read_image
+from ra_engine.io.images import read_image
 
 
 @pytest.mark.slow

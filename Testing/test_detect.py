@@ -14,16 +14,20 @@ import SimpleITK as sitk
 import torch
 from skimage.util import img_as_uint
 
-from ra_engine.calibration import calibration_table, score_distribution, threshold_for
-from ra_engine.detect import Detection, detect, detect_array, detect_slices
-from ra_engine.errors import Cancelled, DataError, ModelError
-from ra_engine.image import Geometry, Image
-from ra_engine.imageio import read_image
-from ra_engine.model import ArchConfig, ReversedAutoEncoder
-from ra_engine.card import read_card, write_card
-from ra_engine.modeldir import load_model, save_model_dir
-from ra_engine.preprocess import PresetConfig, preprocess, preset_config
-from ra_engine.regions import find_regions
+from ra_engine.thresholds.table import calibration_table, score_distribution
+from ra_engine.detection.result import Detection
+from ra_engine.detection.pipeline import detect, detect_array, detect_slices
+from ra_engine.core.errors import Cancelled, DataError, ModelError
+from ra_engine.core.image import Geometry, Image
+from ra_engine.io.images import read_image
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ReversedAutoEncoder
+from ra_engine.models.card import read_card, write_card
+from ra_engine.models.card import ModelCard
+from ra_engine.models.modeldir import load_model, save_model_dir
+from ra_engine.preprocess.presets import preset_config, PresetConfig
+from ra_engine.preprocess.pipeline import preprocess
+from ra_engine.detection.regions import find_regions
 
 RESOURCES = Path(__file__).resolve().parents[1] / "ra_engine" / "resources"
 MNI = RESOURCES / "samples" / "mni152_2009a_t1.nii.gz"
@@ -37,9 +41,8 @@ def make_model(directory: Path, preset: str, seed: int = 0) -> Path:
     """A tiny untrained RA (32 x 32 slices) with the `preset` section of the card, not calibrated."""
     torch.manual_seed(seed)
     arch = ArchConfig(image_size=SIZE, latent_dim=16, widths=(8, 16, 16))
-    card = {"preset": preset_config(preset, image_size=SIZE).to_dict(), "lpips": {"backbone": "alex"},
-            "calibration": None}
-    save_model_dir(directory, ReversedAutoEncoder(arch).state_dict(), arch, card)
+    card = ModelCard(name=directory.name, architecture=arch, preset=preset_config(preset, image_size=SIZE))
+    save_model_dir(directory, ReversedAutoEncoder(arch).state_dict(), card)
     return directory
 
 
@@ -47,11 +50,11 @@ def calibrate(directory: Path, found: list[Detection]) -> dict:
     """Writes a calibration section made from detections on normal scans into the card, as `ra calibrate` does."""
     card = read_card(directory)
     values = np.concatenate([f.anomaly_stack[f.slices.masks] for f in found])
-    card["calibration"] = {**calibration_table(values),
-                           "slice_scores": score_distribution([s["score"] for f in found for s in f.slice_scores]),
-                           "scan_scores": score_distribution([f.scan_score for f in found])}
+    card.calibration = replace(calibration_table(values),
+                               slice_scores=score_distribution([s["score"] for f in found for s in f.slice_scores]),
+                               scan_scores=score_distribution([f.scan_score for f in found]))
     write_card(directory, card)
-    return card["calibration"]
+    return card.calibration
 
 
 def rotation(axis, degrees: float) -> np.ndarray:
@@ -117,7 +120,7 @@ def brain(brain_dir, found_mni):
 
 @pytest.fixture(scope="module")
 def mni_slices(brain, mni):
-    return preprocess(mni, PresetConfig.from_dict(brain.card["preset"]))
+    return preprocess(mni, brain.card.preset)
 
 
 @pytest.fixture(scope="module")
@@ -229,14 +232,14 @@ def test_inference_runs_in_bounded_batches_without_graphs(brain, mni, mni_slices
 def test_detections_follow_the_calibration_without_the_network(brain, found_mni, monkeypatch):
     for network in (brain.network, brain.inference_network):
         monkeypatch.setattr(network, "reconstruct", lambda x: pytest.fail("the network ran again"))
-    table = brain.card["calibration"]
+    table = brain.card.calibration
     assert found_mni.calibration is None  # detected before calibration: a flag rate needs a calibrated model
     with pytest.raises(ModelError, match="ra calibrate"):
         found_mni.detections_at(flag_rate=0.05)
     found_mni = replace(found_mni, calibration=table)
     default, strict = found_mni.detections_at(), found_mni.detections_at(flag_rate=0.01)
-    assert np.array_equal(default.array, found_mni.detections_at(threshold=threshold_for(table, 0.05)).array)
-    assert np.array_equal(strict.array, found_mni.detections_at(threshold_for(table, 0.01)).array)
+    assert np.array_equal(default.array, found_mni.detections_at(threshold=table.threshold(0.05)).array)
+    assert np.array_equal(strict.array, found_mni.detections_at(table.threshold(0.01)).array)
     # Calibrated on this very scan: about the flag rate of its model-space foreground is flagged.
     flagged = (found_mni.anomaly_stack >= found_mni.threshold_at(0.05))[found_mni.slices.masks].mean()
     assert flagged == pytest.approx(0.05, abs=0.01)
@@ -248,12 +251,12 @@ def test_detections_follow_the_calibration_without_the_network(brain, found_mni,
         found_mni.detections_at(0.01, flag_rate=0.05)
 
     report = found_mni.report(default, found_mni.threshold_at(), 0.05)
-    assert report["flag_rate"] == 0.05 and report["threshold"] == pytest.approx(threshold_for(table))
+    assert report["flag_rate"] == 0.05 and report["threshold"] == pytest.approx(table.threshold())
     assert 0 <= report["scan_percentile_of_normal"] <= 100
     assert all(0 <= s["percentile_of_normal"] <= 100 and "reference_z_mm" in s for s in report["slice_scores"])
     assert report["regions_total"] >= 1 and sum(r["voxels"] for r in report["regions"]) <= report["flagged_voxels"]
     assert "research use only" in report["notice"].lower()
-    found_mni = replace(found_mni, calibration={**table, "scan_scores": None})  # too few normal scans: absent
+    found_mni = replace(found_mni, calibration=replace(table, scan_scores=None))  # too few normal scans: absent
     assert found_mni.report(default, 0.1)["scan_percentile_of_normal"] is None
 
 

@@ -4,6 +4,7 @@ events, and the refusals that leave nothing half-written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -17,12 +18,11 @@ from PIL import Image as PILImage
 from scipy import ndimage
 
 from ra_engine import cli
-from ra_engine.calibration import threshold_for
-from ra_engine.detect import detect
-from ra_engine.errors import RAError
-from ra_engine.imageio import read_image
-from ra_engine.card import read_card
-from ra_engine.modeldir import load_model
+from ra_engine.detection.pipeline import detect
+from ra_engine.core.errors import RAError
+from ra_engine.io.images import read_image
+from ra_engine.models.card import read_card
+from ra_engine.models.modeldir import load_model
 from test_detect import MNI, RESOURCES, calibrate, make_model
 
 SUBJECT = RESOURCES / "samples" / "itk_subject_t1.nii.gz"
@@ -110,7 +110,8 @@ def test_a_folder_with_a_mask_gives_every_output_on_the_input_grid(brain_model, 
     sitk.WriteImage(sitk.ReadImage(str(SUBJECT)), str(data / "subject.nrrd"))  # anisotropic, permuted axes
     sitk.WriteImage(sitk.ReadImage(str(SUBJECT_MASK)), str(data / "subject_mask.nrrd"))
     events = tmp_path / "progress.jsonl"
-    assert ra_detect(data, "--model", brain_model, "--out", out, "--progress-json", events, "--batch-size", 5) == 0
+    assert ra_detect(data, "--model", brain_model, "--out", out, "--progress-json", events, "--batch-size", 5,
+                     "--mask", "auto") == 0
 
     scan = sitk.ReadImage(str(data / "subject.nrrd"))
     files = outputs(out, "subject", ".nrrd")  # NRRD stays NRRD
@@ -128,8 +129,8 @@ def test_a_folder_with_a_mask_gives_every_output_on_the_input_grid(brain_model, 
     card = read_card(brain_model)
     scores = json.loads(files["scores"].read_text())
     assert scores["input"] == str(data / "subject.nrrd") and scores["mask"] == str(data / "subject_mask.nrrd")
-    assert scores["flag_rate"] == card["calibration"]["default_flag_rate"] == 0.05
-    assert scores["threshold"] == pytest.approx(threshold_for(card["calibration"]))
+    assert scores["flag_rate"] == card.calibration.default_flag_rate == 0.05
+    assert scores["threshold"] == pytest.approx(card.calibration.threshold())
     assert scores["scan_score"] > 0 and 0 <= scores["scan_percentile_of_normal"] <= 100
     assert scores["slice_scores"] and all(0 <= s["percentile_of_normal"] <= 100 for s in scores["slice_scores"])
     detections = sitk.GetArrayFromImage(sitk.ReadImage(str(files["detections"])))
@@ -151,6 +152,44 @@ def test_a_folder_with_a_mask_gives_every_output_on_the_input_grid(brain_model, 
     assert "subject" in capsys.readouterr().err
 
 
+def test_a_mask_beside_an_input_is_used_only_when_asked_and_a_lesion_mask_is_refused(brain_model, tmp_path,
+                                                                                    capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    scan = sitk.ReadImage(str(SUBJECT))
+    sitk.WriteImage(scan, str(data / "subject.nii.gz"))
+    lesion = np.zeros(sitk.GetArrayViewFromImage(scan).shape, np.uint8)
+    lesion[30:34, 60:64, 60:64] = 1  # a lesion mask under the name a brain mask would have
+    sitk.WriteImage(_on_grid(lesion, scan), str(data / "subject_mask.nii.gz"))
+
+    assert ra_detect(data, "--model", brain_model, "--out", tmp_path / "default") == 0
+    err = capsys.readouterr().err
+    assert "1 `<name>_mask` file(s) beside the inputs were not used; pass --mask auto" in err
+    scores = json.loads((tmp_path / "default" / "subject_scores.json").read_text())
+    assert scores["mask"] == "the reference brain (colin27)", "the report says which mask was used"
+
+    assert ra_detect(data, "--model", brain_model, "--out", tmp_path / "auto", "--mask", "auto") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"subject_mask.nii.gz covers 0\.00\d litres", err) and "looks like a lesion mask" in err
+    assert not (tmp_path / "auto").exists() or not any((tmp_path / "auto").iterdir()), "nothing half-written"
+
+
+def _on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def test_a_run_folder_of_ra_train_serves_as_the_model(brain_model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(brain_model, run / "model")
+    assert ra_detect(MNI, "--model", run, "--out", tmp_path / "out") == 0
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RAError, match="whose model is not written yet"):
+        load_model(unfinished)
+
+
 # ---- radiographs -------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +206,7 @@ def test_radiographs_from_a_csv_png_rgb_and_dicom(xray_model, tmp_path):
     with pytest.warns(UserWarning, match="RGB image converted to grey"):
         assert ra_detect(data / "list.csv", "--model", xray_model, "--out", out, "--quiet", "--flag-rate", "1%") == 0
 
-    table = read_card(xray_model)["calibration"]
+    table = read_card(xray_model).calibration
     png = outputs(out, "chest", ".nii.gz")  # pictures and DICOM cannot hold float maps with geometry: NIfTI
     for kind in KINDS:
         result = read_image(png[kind], validate=False)
@@ -175,7 +214,7 @@ def test_radiographs_from_a_csv_png_rgb_and_dicom(xray_model, tmp_path):
     anomaly = read_image(png["anomaly_map"], validate=False).array
     assert not anomaly[body == 0].any() and anomaly[body > 0].any()  # the body mask from the CSV
     scores = json.loads(png["scores"].read_text())
-    assert scores["flag_rate"] == 0.01 and scores["threshold"] == pytest.approx(threshold_for(table, 0.01))
+    assert scores["flag_rate"] == 0.01 and scores["threshold"] == pytest.approx(table.threshold(0.01))
     assert scores["mask"] == str(data / "body.png") and len(scores["slice_scores"]) == 1
     assert all("area_mm2" in r and len(r["centroid_lps_mm"]) == 2 for r in scores["regions"])
     assert png["overlay"].stat().st_size > 1000
@@ -232,22 +271,22 @@ def test_existing_outputs_are_kept_unless_overwrite(xray_model, tmp_path, capsys
     assert "--overwrite" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # A failure while writing (here: the overlay, written last) leaves every earlier output as it was.
-    import ra_engine.overlay
+    import ra_engine.detection.outputs as outputs
 
     def broken(*args, **kwargs):
         raise RAError("disk full")
 
-    working = ra_engine.overlay.overlay_png
-    monkeypatch.setattr(ra_engine.overlay, "overlay_png", broken)
+    working = outputs.overlay_png
+    monkeypatch.setattr(outputs, "overlay_png", broken)
     assert ra_detect(image, "--model", xray_model, "--out", out, "--quiet", "--overwrite", "--flag-rate", "1%") == 2
     assert "disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    monkeypatch.setattr(ra_engine.overlay, "overlay_png", working)
+    monkeypatch.setattr(outputs, "overlay_png", working)
     # A failure of the report (made while the writer threads write the maps) leaves them as they were too, and no
     # temporary file behind.
-    import ra_engine.detect
+    import ra_engine.detection.result as result_module
 
-    monkeypatch.setattr(ra_engine.detect, "find_regions", broken)
+    monkeypatch.setattr(result_module, "find_regions", broken)
     assert ra_detect(image, "--model", xray_model, "--out", out, "--quiet", "--overwrite", "--flag-rate", "1%") == 2
     assert "disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -290,7 +329,7 @@ def test_inputs_with_the_same_name_are_refused_up_front(xray_model, tmp_path, ca
 
 
 def test_a_registered_model_is_found_by_name(xray_model, tmp_path, monkeypatch):
-    pytest.importorskip("ra_engine.registry")
+    pytest.importorskip("ra_engine.models.registry")
     monkeypatch.setenv("RA_MODELS_DIR", str(tmp_path / "models"))
     shutil.copytree(xray_model, tmp_path / "models" / "tiny-xray")
     image = write_png(tmp_path / "chest.png", radiograph_pixels())
@@ -299,11 +338,11 @@ def test_a_registered_model_is_found_by_name(xray_model, tmp_path, monkeypatch):
 
 
 def test_an_interrupt_stops_cleanly_between_batches(xray_model, tmp_path, monkeypatch, capsys):
-    import ra_engine.detect
+    import ra_engine.detection.files as files_module
 
     for name in ("a", "b", "c"):
         write_png(tmp_path / f"{name}.png", radiograph_pixels())
-    build = ra_engine.detect.scorer_for
+    build = files_module.scorer_for
 
     def interrupted_on_the_second_input(model):
         scorer = build(model)
@@ -318,7 +357,7 @@ def test_an_interrupt_stops_cleanly_between_batches(xray_model, tmp_path, monkey
         scorer.score = score_then_interrupt
         return scorer
 
-    monkeypatch.setattr(ra_engine.detect, "scorer_for", interrupted_on_the_second_input)
+    monkeypatch.setattr(files_module, "scorer_for", interrupted_on_the_second_input)
     out = tmp_path / "out"
     assert ra_detect(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png", "--model", xray_model,
                      "--out", out, "--quiet") == 130

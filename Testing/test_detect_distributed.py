@@ -13,11 +13,11 @@ import pydicom.data
 import pytest
 
 from ra_engine import cli
-from ra_engine.detect import detect
-from ra_engine.imageio import read_image
-from ra_engine.lpips_weights import load_lpips
-from ra_engine.modeldir import load_model
-from ra_engine.scoring import AnomalyScorer
+from ra_engine.detection.pipeline import detect
+from ra_engine.io.images import read_image
+from ra_engine.scoring.lpips_weights import load_lpips
+from ra_engine.models.modeldir import load_model
+from ra_engine.scoring.scorer import AnomalyScorer
 from test_detect import calibrate, make_model
 from test_detect_cli import KINDS, outputs, radiograph_pixels, write_png
 

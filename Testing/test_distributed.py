@@ -8,11 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ra_engine.augment import augment, draw_params
-from ra_engine.losses import decoder_step_loss, encoder_step_loss
-from ra_engine.model import ArchConfig, set_batchnorm_mode
-from ra_engine.trainer import (Shard, TrainConfig, Trainer, build_model, set_requires_grad, sharded_noise,
-                               step_generator)
+from ra_engine.training.augment import augment, draw_params
+from ra_engine.training.losses import decoder_step_loss, encoder_step_loss
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import set_batchnorm_mode
+from ra_engine.runtime.distributed import ProcessGroup
+from ra_engine.training.config import TrainConfig
+from ra_engine.training.trainer import build_model, set_requires_grad, sharded_noise, step_generator, Trainer
 
 ARCH = ArchConfig(image_size=16, latent_dim=4, widths=(4, 8))
 STEPS = 3
@@ -72,7 +74,7 @@ def test_batch_statistics_mode_equals_one_process_running_the_half_batches_separ
     model.train()
     set_batchnorm_mode(model, "batch")
     train, _ = images()
-    halves = [Shard(rank=h, world=2) for h in range(2)]
+    halves = [ProcessGroup(rank=h, world=2) for h in range(2)]
     half_backward = lambda loss: (loss / 2).backward()  # DDP averages the ranks' gradients
     for step in range(STEPS):
         epoch, k = divmod(step, len(train) // 4)

@@ -14,13 +14,13 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ra_engine import cli
-from ra_engine.calibration import calibration_table, threshold_for
-from ra_engine.detect import detect, detect_array
-from ra_engine.eval_cli import OUTPUTS
-from ra_engine.imageio import read_image
-from ra_engine.card import read_card
-from ra_engine.modeldir import load_model
-from ra_engine.scoring import AnomalyScorer
+from ra_engine.thresholds.table import calibration_table
+from ra_engine.detection.pipeline import detect, detect_array
+from ra_engine.evaluation.report import OUTPUTS
+from ra_engine.io.images import read_image
+from ra_engine.models.card import read_card
+from ra_engine.models.modeldir import load_model
+from ra_engine.scoring.scorer import AnomalyScorer
 from test_detect import calibrate, make_model
 from test_detect_cli import radiograph_pixels
 
@@ -126,11 +126,11 @@ def test_eval_writes_every_output_with_figures_equal_to_a_direct_recomputation(m
                 assert picture.format == "PNG" and min(picture.size) > 200
     metrics = json.loads((out / "metrics.json").read_text())
     card = read_card(model_dir)
-    assert metrics["model"]["weights_sha256"] == card["weights_sha256"] and metrics["model"]["name"] == card["name"]
+    assert metrics["model"]["weights_sha256"] == card.weights_sha256 and metrics["model"]["name"] == card.name
     assert metrics["command"][:2] == ["ra", "eval"] and metrics["score"]["kind"] == "full"
     assert metrics["thresholds"]["source"] == "model card"
     assert metrics["thresholds"]["flag_rates"] == [0.05, 0.01]
-    thresholds = [threshold_for(card["calibration"], rate) for rate in (0.05, 0.01)]
+    thresholds = [card.calibration.threshold(rate) for rate in (0.05, 0.01)]
     assert metrics["thresholds"]["values"] == pytest.approx(thresholds)
     counts = metrics["counts"]
     assert (counts["scans"], counts["normal"], counts["abnormal"], counts["with_known_lesion_pixels"],
@@ -204,7 +204,7 @@ def test_l1_score_thresholds_come_from_normal_scans_and_say_so(model_dir, test_s
     normals = [detect(model, read_image(test_set.parent / name), l1)
                for name in ("normal_plain.png", "normal_blank.png")]
     table = calibration_table(np.concatenate([f.anomaly_stack[f.slices.masks] for f in normals]))
-    assert metrics["thresholds"]["values"] == pytest.approx([threshold_for(table, r) for r in (0.05, 0.01)])
+    assert metrics["thresholds"]["values"] == pytest.approx([table.threshold(r) for r in (0.05, 0.01)])
 
     calibration = tmp_path / "normals"
     calibration.mkdir()
@@ -215,7 +215,7 @@ def test_l1_score_thresholds_come_from_normal_scans_and_say_so(model_dir, test_s
                    "--calibration-data", calibration, "--flag-rates", "2%", "--examples", 0) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["thresholds"]["source"] == "calibration data"
-    assert metrics["thresholds"]["values"] == pytest.approx([threshold_for(table, 0.02)])
+    assert metrics["thresholds"]["values"] == pytest.approx([table.threshold(0.02)])
 
 
 def test_unusable_rows_are_skipped_and_listed_and_unlabelled_ones_refused(model_dir, test_set, tmp_path, capsys):

@@ -8,11 +8,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ra_engine.errors import DataError
-from ra_engine.evaluation import (Evaluator, PooledRanking, dice, dice_from_counts, image_level, is_detected,
-                                  lesion_mask_on_grid, mean_sd, scan_label, size_bin)
-from ra_engine.image import Geometry, Image
-from ra_engine.scoring import AnomalyScorer
+from ra_engine.core.errors import DataError
+from ra_engine.evaluation.metrics import (dice, dice_from_counts, Evaluator, image_level, is_detected, lesion_mask_on_grid, mean_sd, PooledRanking, scan_label, size_bin)
+from ra_engine.core.image import Geometry, Image
+from ra_engine.scoring.scorer import AnomalyScorer
 
 
 # ---- pooled ranking -----------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
 from fixtures_io import oblique_geometry, random_volume, write_dicom_series
-from ra_engine import imageio
-from ra_engine.errors import DataError, RAError
-from ra_engine.image import Geometry, Image
-from ra_engine.imageio import output_format_for, read_image, split_extension, validate_image, write_image
+from ra_engine.io import images as imageio
+from ra_engine.core.errors import DataError, RAError
+from ra_engine.core.image import Geometry, Image
+from ra_engine.io.images import output_format_for, read_image, split_extension, validate_image, write_image
 
 # NIfTI stores spacing and the orientation in float32; NRRD and MetaImage write float64 as text.
 TOLERANCE = {".nii.gz": 1e-6, ".nii": 1e-6, ".nrrd": 1e-12, ".mha": 1e-12}
@@ -236,7 +236,7 @@ def test_output_format_and_extensions(tmp_path):
 def test_arrays_from_sitk_share_the_buffer_and_keep_the_image():
     import gc
 
-    from ra_engine.imageio import array_from_sitk
+    from ra_engine.io.images import array_from_sitk
 
     source = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     image = sitk.GetImageFromArray(source)

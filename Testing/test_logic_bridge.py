@@ -15,11 +15,11 @@ import vtk
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, node_checksum, save_volume, scene_snapshot, \
     segment_array, voxels
-from ra_engine.calibration import calibration_table
-from ra_engine.errors import Cancelled, DataError, ModelError, RAError
-from ra_engine.image import Geometry, Image
-from ra_engine.imageio import read_image
-from ra_engine.modeldir import read_card, write_card
+from ra_engine.thresholds.table import calibration_table
+from ra_engine.core.errors import Cancelled, DataError, ModelError, RAError
+from ra_engine.core.image import Geometry, Image
+from ra_engine.io.images import read_image
+from ra_engine.models.card import read_card, write_card
 from RALogic import RALogic, RAParameters, SceneClosed
 from RALogic import outputs
 from RALogic.geometry import (array_ijk_to_ras, geometry_from_ijk_to_ras, image_from_volume, ijk_to_ras_from_geometry,
@@ -44,8 +44,8 @@ def offline_lpips(alex_safetensors):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny untrained brain-mri RA, calibrated on the MNI scan."""
-    from ra_engine.detect import detect
-    from ra_engine.modeldir import load_model
+    from ra_engine.detection.pipeline import detect
+    from ra_engine.models.modeldir import load_model
 
     directory = make_model(tmp_path_factory.mktemp("models") / "brain", "brain-mri")
     calibrate(directory, [detect(load_model(directory), read_image(MNI))])
@@ -165,8 +165,8 @@ def test_a_degenerate_matrix_is_refused():
 
 def test_outputs_lie_on_the_input_grid_and_equal_the_engine_on_the_same_scan(session, model_dir, scan_file,
                                                                           tmp_path):
-    from ra_engine.detect import detect
-    from ra_engine.modeldir import load_model
+    from ra_engine.detection.pipeline import detect
+    from ra_engine.models.modeldir import load_model
 
     node, result, scene = session["node"], session["result"], session["scene"]
     name = node.GetName()
@@ -215,7 +215,7 @@ def test_outputs_lie_on_the_input_grid_and_equal_the_engine_on_the_same_scan(ses
     assert segment.GetName() == "Anomaly" and result.segmentationNode.GetSegmentation().GetNumberOfSegments() == 1
 
     # Report and progress.
-    assert result.report["flag_rate"] == read_card(model_dir)["calibration"]["default_flag_rate"]
+    assert result.report["flag_rate"] == read_card(model_dir).calibration.default_flag_rate
     assert result.report["flagged_voxels"] == int(voxels(result.detectionsNode).sum()) > 0
     assert result.report["input"] == "scan" and result.report["notice"].startswith("Research use only")
     done, total = session["calls"][-1]
@@ -300,7 +300,7 @@ def test_unusable_inputs_are_refused_with_the_scene_unchanged(session, model_dir
     set_volume_from_image(other, image_from_volume(node))
     xray_dir = make_model(tmp_path / "xray", "xray")
     card = read_card(xray_dir)
-    card["calibration"] = calibration_table(np.random.default_rng(0).random(5000))
+    card.calibration = calibration_table(np.random.default_rng(0).random(5000))
     write_card(xray_dir, card)
     uncalibrated = make_model(tmp_path / "raw", "brain-mri")
     ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
@@ -367,7 +367,7 @@ def test_an_error_while_writing_outputs_leaves_no_new_node(session, monkeypatch)
 
 
 def test_a_new_flag_rate_changes_the_detections_without_the_network(session, monkeypatch):
-    from ra_engine.model import Decoder, ReversedAutoEncoder
+    from ra_engine.network.model import Decoder, ReversedAutoEncoder
 
     def no_network(*args, **kwargs):
         raise AssertionError("the network ran")

@@ -155,7 +155,8 @@ def test_the_memory_estimate_grows_with_batch_image_and_task():
 
 @pytest.mark.parametrize("size, widths, latent", [(128, (64, 128, 256, 512, 512), 128), (32, (8, 16), 8)])
 def test_the_parameter_count_is_the_networks(size, widths, latent):
-    from ra_engine.model import ArchConfig, ReversedAutoEncoder
+    from ra_engine.network.config import ArchConfig
+    from ra_engine.network.model import ReversedAutoEncoder
 
     network = ReversedAutoEncoder(ArchConfig(image_size=size, widths=widths, latent_dim=latent))
     assert dependencies._parameterCount(size, widths, latent) == sum(p.numel() for p in network.parameters())

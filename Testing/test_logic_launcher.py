@@ -7,7 +7,7 @@ import pytest
 
 from fixtures_io import write_radiographs
 from RALogic.launcher import TrainingProcess
-from ra_engine.errors import DataError, RAError
+from ra_engine.core.errors import DataError, RAError
 
 OPTIONS = {"image_size": 32, "widths": (8, 16), "latent_dim": 8, "batch_size": 2, "lr": 1e-3, "device": "cpu",
            "calibrate": False}
@@ -82,8 +82,9 @@ def test_progress_events_arrive_through_poll_and_on_event(cancelled_run):
 def test_cancel_stops_cleanly_with_a_valid_checkpoint_and_no_process_left(cancelled_run):
     import torch
 
-    from ra_engine.checkpoint import load_checkpoint
-    from ra_engine.model import ArchConfig, ReversedAutoEncoder
+    from ra_engine.training.checkpoint import load_checkpoint
+    from ra_engine.network.config import ArchConfig
+    from ra_engine.network.model import ReversedAutoEncoder
 
     process, out = cancelled_run["process"], cancelled_run["out"]
     assert cancelled_run["pgid"] == process.pid != os.getpgid(0), "the child leads a process group of its own"
@@ -114,7 +115,7 @@ def test_resume_continues_the_cancelled_run_to_a_model(cancelled_run):
     start = next(e for e in events if e["event"] == "start")
     assert start["step"] == stopped_at and events[-1]["event"] == "done"
     card = ra_engine.load_model(process.modelPath).card
-    assert card["training"]["steps"] == stopped_at + 2 and card["training"]["stopped_by"] == "max_steps"
+    assert card.training.steps == stopped_at + 2 and card.training.stopped_by == "max_steps"
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from RALogic.models import ModelManager
-from ra_engine import registry as engine_registry
-from ra_engine.errors import ModelError
+from ra_engine.models import registry as engine_registry
+from ra_engine.core.errors import ModelError
 from test_registry import make_model, tamper_weights, zip_of
 
 

@@ -11,8 +11,8 @@ import vtk
 from scipy import ndimage
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, voxels
-from ra_engine.demo import BUNDLED_MODEL, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN, insert_lesion
-from ra_engine.imageio import read_image
+from ra_engine.demo import BUNDLED_MODEL, insert_lesion, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN
+from ra_engine.io.images import read_image
 from RALogic import RALogic
 from RALogic.geometry import ras_of_index
 from RALogic.outputs import DETECTION_COLOUR
@@ -70,8 +70,8 @@ def read_png(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def shown(tmp_path_factory):
     """A tiny calibrated model's results on the MNI scan, shown in the axial (Red) view."""
-    from ra_engine.detect import detect
-    from ra_engine.modeldir import load_model
+    from ra_engine.detection.pipeline import detect
+    from ra_engine.models.modeldir import load_model
 
     model_dir = make_model(tmp_path_factory.mktemp("models") / "brain", "brain-mri")
     calibrate(model_dir, [detect(load_model(model_dir), read_image(MNI))])

@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from ra_engine.losses import LossWeights, decoder_step_loss, encoder_step_loss
-from ra_engine.model import ArchConfig, ReversedAutoEncoder, set_batchnorm_mode
-from ra_engine.trainer import set_requires_grad, train_iteration
+from ra_engine.training.config import LossWeights
+from ra_engine.training.losses import decoder_step_loss, encoder_step_loss
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ReversedAutoEncoder, set_batchnorm_mode
+from ra_engine.training.trainer import set_requires_grad, train_iteration
 
 W = LossWeights()
 
@@ -30,7 +32,7 @@ def replay(noises):
     return lambda shape: queue.pop(0)
 
 
-# -- an independent, loop-by-sample reading of SPEC-RA.md ----------------------------------------------------------
+# -- an independent, loop-by-sample reading of docs/METHOD.md ----------------------------------------------------------
 def kl(mu, logvar):
     return kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
 

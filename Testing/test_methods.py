@@ -8,14 +8,16 @@ import torch
 import ra_engine
 from fixtures_io import write_radiographs
 from test_trainer import ARCH, data, make  # noqa: F401, F811  (data: the trainer tests' fixture)
-from ra_engine.checkpoint import load_checkpoint, save_checkpoint
+from ra_engine.training.checkpoint import load_checkpoint, save_checkpoint
 from ra_engine.cli import main
-from ra_engine.errors import RAError
-from ra_engine.losses import LossWeights, ae_step_loss, vae_step_loss
-from ra_engine.model import ReversedAutoEncoder, set_batchnorm_mode
-from ra_engine.card import NOTICE, card_notice
-from ra_engine.progress import Progress
-from ra_engine.trainer import METHODS, TrainConfig, baseline_iteration
+from ra_engine.core.errors import RAError
+from ra_engine.training.config import LossWeights
+from ra_engine.training.losses import ae_step_loss, vae_step_loss
+from ra_engine.network.model import ReversedAutoEncoder, set_batchnorm_mode
+from ra_engine.models.card import card_notice, NOTICE
+from ra_engine.core.progress import Progress
+from ra_engine.training.config import METHODS, TrainConfig
+from ra_engine.training.trainer import baseline_iteration
 
 TINY = ["--preset", "xray", "--image-size", "16", "--widths", "4,8", "--latent-dim", "4", "--batch-size", "2",
         "--lr", "1e-3", "--device", "cpu", "--quiet"]
@@ -232,16 +234,16 @@ def test_ra_train_method_vae_writes_a_baseline_model_that_detection_accepts(tmp_
 
     model = ra_engine.load_model(out / "model")
     card = model.card
-    assert card["method"] == "vae" and card["method_description"] == METHODS["vae"]
-    assert card["training"]["config"]["method"] == "vae"
-    assert "not a Reversed Auto-Encoder" in card["notice"] and "not for diagnosis" in card["notice"]
-    assert card["calibration"] is not None
+    assert card.method == "vae" and card.method_description == METHODS["vae"]
+    assert card.training.config["method"] == "vae"
+    assert "not a Reversed Auto-Encoder" in card.notice and "not for diagnosis" in card.notice
+    assert card.calibration is not None
     scan = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "cxr_0.png"))).astype(np.float32)
-    detection = model.detect(scan)
+    detection = ra_engine.detect(model, scan)
     assert detection.anomaly.array.shape == scan.shape and np.isfinite(detection.scan_score)
     assert detection.detections_at().array.shape == scan.shape
     report = detection.report(detection.detections_at(), detection.threshold_at())
-    assert report["notice"] == card["notice"], "a baseline's detections say it is not RA"
+    assert report["notice"] == card.notice, "a baseline's detections say it is not RA"
 
     capsys.readouterr()
     assert main(["train", "--method", "ae", "--data", str(folder), "--out", str(out), *args, "--resume"]) == 2

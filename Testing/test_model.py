@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ra_engine.model import ArchConfig, ResidualBlock, ReversedAutoEncoder, set_batchnorm_mode
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ResidualBlock, ReversedAutoEncoder, set_batchnorm_mode
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -78,7 +79,7 @@ def test_reference_batchnorm_mode_keeps_running_statistics_and_uses_them():
 
 def test_the_inference_copy_reconstructs_as_the_network_does():
     """BatchNorm folded into the convolutions and channels-last weights change nothing but float rounding."""
-    from ra_engine.model import inference_copy
+    from ra_engine.network.model import inference_copy
 
     torch.manual_seed(1)
     model = ReversedAutoEncoder(ArchConfig(image_size=64, latent_dim=16, widths=(8, 16, 32, 32)))

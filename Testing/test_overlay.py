@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-from ra_engine.overlay import _outline, _per_slice_sums
+from ra_engine.detection.overlay import _outline, _per_slice_sums
 
 
 @pytest.mark.parametrize("mode", ["outer", "inner"])

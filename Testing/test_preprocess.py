@@ -12,10 +12,13 @@ import pydicom.data
 import pytest
 import SimpleITK as sitk
 
-from ra_engine.errors import DataError
-from ra_engine.image import Geometry, Image
-from ra_engine.preprocess import (ModelSpace, PresetConfig, SliceSet, is_skull_stripped, model_grid, preprocess,
-                                  preset_config)
+from ra_engine.core.errors import DataError
+from ra_engine.core.image import Geometry, Image
+from ra_engine.preprocess.space import ModelSpace, SliceSet
+from ra_engine.preprocess.presets import preset_config, PresetConfig
+from ra_engine.preprocess.brain import is_skull_stripped
+from ra_engine.preprocess.reference import model_grid
+from ra_engine.preprocess.pipeline import preprocess
 
 RESOURCES = Path(__file__).resolve().parents[1] / "ra_engine" / "resources"
 BRAIN = preset_config("brain-mri")
@@ -294,7 +297,7 @@ def test_training_keeps_slices_with_enough_brain(mni, mni_slices):
 
 
 def test_ranks_equal_the_double_argsort():
-    from ra_engine.preprocess import _ranks
+    from ra_engine.preprocess.brain import _ranks
 
     rng = np.random.default_rng(3)
     for values in (rng.random(1000), rng.integers(0, 5, 1000).astype(np.float32), np.zeros(7), np.arange(5.0)[::-1]):

@@ -2,8 +2,8 @@
 import numpy as np
 from scipy import ndimage
 
-from ra_engine.image import Geometry, Image
-from ra_engine.regions import find_regions
+from ra_engine.core.image import Geometry, Image
+from ra_engine.detection.regions import find_regions
 
 
 def test_region_peak_and_mean_equal_ndimage_over_the_full_map():

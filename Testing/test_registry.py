@@ -9,27 +9,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from ra_engine.errors import ModelError
-from ra_engine.model import ArchConfig, ReversedAutoEncoder
-from ra_engine.modeldir import load_model, save_model_dir
-from ra_engine.models_cli import add_models_parser
-from ra_engine.preprocess import preset_config
-from ra_engine.registry import import_model, list_models, models_dir, remove_model, resolve_model
+from ra_engine.core.errors import ModelError
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ReversedAutoEncoder
+from ra_engine.models.card import ModelCard
+from ra_engine.models.modeldir import load_model, save_model_dir
+from ra_engine.cli.models import add_models_parser
+from ra_engine.preprocess.presets import preset_config
+from ra_engine.models.install import import_model
+from ra_engine.models.registry import list_models, models_dir, remove_model, resolve_model
 
 
 @pytest.fixture(autouse=True)
 def registry(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "registry"
     monkeypatch.setenv("RA_MODELS_DIR", str(folder))
-    monkeypatch.setattr("ra_engine.registry.BUNDLED_DIR", tmp_path / "bundled")
+    monkeypatch.setattr("ra_engine.models.registry.BUNDLED_DIR", tmp_path / "bundled")
     return folder
 
 
 def make_model(folder: Path, name: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     arch = ArchConfig(image_size=16, latent_dim=4, widths=(4, 8))
-    save_model_dir(folder, ReversedAutoEncoder(arch).state_dict(), arch,
-                   {"name": name, "preset": preset_config("xray", image_size=16).to_dict(), "calibration": None})
+    save_model_dir(folder, ReversedAutoEncoder(arch).state_dict(),
+                   ModelCard(name=name, architecture=arch, preset=preset_config("xray", image_size=16)))
     return folder
 
 
@@ -62,7 +65,7 @@ def test_import_from_a_folder_registers_a_loadable_copy_under_the_cards_name(tmp
     source = make_model(tmp_path / "src")
     path = import_model(source)
     assert path == registry / "tiny" and registry_entries(registry) == ["tiny"]
-    assert load_model(path).card["weights_sha256"] == load_model(source).card["weights_sha256"]
+    assert load_model(path).card.weights_sha256 == load_model(source).card.weights_sha256
     [entry] = list_models()
     assert entry["name"] == "tiny" and entry["preset"] == "xray" and entry["image_size"] == 16
     assert entry["calibrated"] is False and entry["parameters"] > 0 and entry["created"]
@@ -146,13 +149,13 @@ def test_archives_that_hold_no_single_model_are_refused(tmp_path, registry):
 
 def test_a_name_collision_is_refused_unless_overwrite(tmp_path, registry):
     first = import_model(make_model(tmp_path / "one", seed=1))
-    original = load_model(first).card["weights_sha256"]
+    original = load_model(first).card.weights_sha256
     other = make_model(tmp_path / "two", seed=2)
     with pytest.raises(ModelError, match="already registered.*--overwrite"):
         import_model(other)
-    assert load_model(first).card["weights_sha256"] == original
+    assert load_model(first).card.weights_sha256 == original
     import_model(other, overwrite=True)
-    assert load_model(first).card["weights_sha256"] == load_model(other).card["weights_sha256"] != original
+    assert load_model(first).card.weights_sha256 == load_model(other).card.weights_sha256 != original
     assert registry_entries(registry) == ["tiny"], "the replaced model is gone, no staging folder is left"
 
 

@@ -1,4 +1,4 @@
-"""The anomaly score against a straightforward per-image reading of SPEC-RA.md (skimage CLAHE and blur, lpips per
+"""The anomaly score against a straightforward per-image reading of docs/METHOD.md (skimage CLAHE and blur, lpips per
 image), with the real LPIPS-alex weights; its blur against skimage; and what the maps must show."""
 import copy
 
@@ -8,8 +8,8 @@ import torch
 from skimage import data, exposure, transform
 from skimage.filters import gaussian
 
-from ra_engine.errors import DataError
-from ra_engine.scoring import AnomalyScorer, ScoreMaps, gaussian_blur, image_score
+from ra_engine.core.errors import DataError
+from ra_engine.scoring.scorer import AnomalyScorer, gaussian_blur, image_score, ScoreMaps
 
 
 def slices(n: int, size=(128, 128), seed=0) -> torch.Tensor:
@@ -32,7 +32,7 @@ def reconstructions(x: torch.Tensor, seed=1) -> torch.Tensor:
 
 
 def reference_score(lpips_model, x: np.ndarray, x_ph: np.ndarray):
-    """SPEC-RA.md for one (H, W) image, step by step."""
+    """docs/METHOD.md for one (H, W) image, step by step."""
     x, x_ph = np.clip(x, 0, 1), np.clip(x_ph, 0, 1)
 
     def lpips_map(a, b):

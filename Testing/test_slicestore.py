@@ -7,11 +7,12 @@ import pytest
 import SimpleITK as sitk
 
 from fixtures_io import SLICE_SIZE, fake_preprocess, write_volume
-from ra_engine import slicestore
-from ra_engine.errors import Cancelled, DataError
-from ra_engine.imageio import read_image
-from ra_engine.slicestore import SliceStore, split_by_scan
-from ra_engine.sources import Source
+from ra_engine.training import slicestore
+from ra_engine.core.errors import Cancelled, DataError
+from ra_engine.core.progress import Progress
+from ra_engine.io.images import read_image
+from ra_engine.training.slicestore import SliceStore, split_by_scan
+from ra_engine.io.sources import Source
 
 FINGERPRINT = {"preset": {"size": SLICE_SIZE}, "sources": ["test"]}
 
@@ -130,13 +131,13 @@ def test_cancellation_leaves_no_store(tmp_path):
     SliceStore.build(sources, fake_preprocess, tmp_path / "cache", FINGERPRINT)
     calls = []
 
-    def progress(done, total, message):
-        calls.append((done, total, message))
-        return done < 2
+    def callback(event):
+        calls.append((event["step"], event["total_steps"], event["message"]))
+        return event["step"] < 2
 
     with pytest.raises(Cancelled):
-        SliceStore.build(sources, fake_preprocess, tmp_path / "cache", {"other": 1}, progress=progress)
-    assert calls == [(1, 4, "scan0.nii.gz"), (2, 4, "scan1.nii.gz")]
+        SliceStore.build(sources, fake_preprocess, tmp_path / "cache", {"other": 1}, progress=Progress(callback=callback))
+    assert calls == [(1, 4, "preprocessing: scan0.nii.gz"), (2, 4, "preprocessing: scan1.nii.gz")]
     cache = tmp_path / "cache"
     assert not (cache / "store.json").exists() and not any(p.name.startswith(".building") for p in cache.iterdir())
     assert SliceStore.open(cache, FINGERPRINT) is None and SliceStore.open(cache, {"other": 1}) is None
@@ -149,7 +150,7 @@ def test_worker_processes_give_the_same_store(tmp_path):
     seen = []
     with pytest.warns(UserWarning, match="scan2"):
         parallel = SliceStore.build(sources, functools.partial(fake_preprocess, size=SLICE_SIZE), tmp_path / "pool",
-                                    FINGERPRINT, workers=2, progress=lambda done, total, message: seen.append(done))
+                                    FINGERPRINT, workers=2, progress=Progress(callback=lambda e: seen.append(e["step"])))
     assert sorted(seen) == [1, 2, 3, 4]
     assert np.array_equal(parallel.images, serial.images) and np.array_equal(parallel.masks, serial.masks)
     assert np.array_equal(parallel.scan_index, serial.scan_index) and parallel.sources == serial.sources

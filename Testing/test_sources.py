@@ -7,9 +7,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from fixtures_io import write_dicom_series, write_volume
-from ra_engine.errors import DataError
-from ra_engine.image import Geometry
-from ra_engine.sources import Source, list_sources
+from ra_engine.core.errors import DataError
+from ra_engine.core.image import Geometry
+from ra_engine.io.sources import list_sources, Source
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ra_engine import trainer as trainer_module
-from ra_engine.checkpoint import load_checkpoint
-from ra_engine.errors import DataError, RAError
-from ra_engine.model import ArchConfig
-from ra_engine.progress import Progress
-from ra_engine.trainer import TrainConfig, Trainer
+from ra_engine.training import trainer as trainer_module
+from ra_engine.training.checkpoint import load_checkpoint
+from ra_engine.core.errors import DataError, RAError
+from ra_engine.network.config import ArchConfig
+from ra_engine.core.progress import Progress
+from ra_engine.training.config import TrainConfig
+from ra_engine.training.trainer import Trainer
 
 ARCH = ArchConfig(image_size=16, latent_dim=4, widths=(4, 8))
 

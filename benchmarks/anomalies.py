@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from ra_engine.image import Geometry, Image
+from ra_engine.core.image import Geometry, Image
 
 # Partial-volume weights below this are dropped, so that every voxel of a mask is visibly changed.
 MIN_WEIGHT = 0.05

@@ -37,7 +37,7 @@ def load_slices(size: int, n: int):
     import torch
     import torch.nn.functional as F
 
-    from ra_engine.imageio import read_image
+    from ra_engine.io.images import read_image
 
     volume = read_image(SAMPLE).array.astype(np.float32)
     volume = (volume - volume.min()) / (volume.max() - volume.min())
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     import torch
     from skimage import exposure
 
-    from ra_engine.clahe import clahe_torch
+    from ra_engine.scoring.clahe import clahe_torch
 
     load_at_start = list(os.getloadavg())
     torch.set_num_threads(args.threads)

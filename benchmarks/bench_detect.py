@@ -23,7 +23,7 @@ Workers (each in its own Python subprocess, so each peak RSS is its own):
   stages     the steps of one `ra detect` input, timed one by one with the project's own functions: read
              (`read_image`), alignment/preprocessing (`preprocess`), the network and the scorer inside the real
              `detect_slices` (its `reconstruct` and `score` calls timed in place), mapping back (the rest of
-             `detect_slices`), and outputs (`detections_at`, then `_write_outputs`, which writes the maps and the
+             `detect_slices`), and outputs (`detections_at`, then `write_outputs`, which writes the maps and the
              overlay on its writer threads while it makes the report with its regions: the per-file times in
              "outputs_detail" overlap, and their CPU seconds are the whole process's during each). Its peak
              RSS is read after the outputs are written; then the batched network and scorer run a second, warm time.
@@ -65,7 +65,7 @@ INPUTS = {
     "t1_512": {"kind": "brain-mri", "shape": (300, 512, 512), "spacing": (0.5, 0.5, 0.64)},
 }
 REFERENCE_FIGURES = {
-    "source": "SPEC-RA.md, 'Defects of the reference implementation': reference code on 2 CPU cores",
+    "source": "docs/METHOD.md, 'Defects of the reference implementation', speed: reference code on 2 CPU cores",
     "forward_seconds_per_slice": [0.15, 0.2],
     "scoring_seconds_per_image": 0.1,
 }
@@ -162,35 +162,30 @@ def make_model(directory: Path, preset_name: str, calibrate_on: Path) -> None:
     flag rate flags about 5% of the mask, as a calibrated model does on a normal scan (an arbitrary table would
     flag nearly everything, and the regions of a fully flagged 512x512x300 volume dominate time and memory)."""
     import torch
-    from ra_engine.calibration import calibration_table
-    from ra_engine.model import ArchConfig, ReversedAutoEncoder
-    from ra_engine.modeldir import save_model_dir
-    from ra_engine.preprocess import preset_config
+    from ra_engine.thresholds.table import calibration_table
+    from ra_engine.network.config import ArchConfig
+    from ra_engine.network.model import ReversedAutoEncoder
+    from ra_engine.models.card import ModelCard
+    from ra_engine.models.modeldir import save_model_dir
+    from ra_engine.preprocess.presets import preset_config
 
     arch = ArchConfig()
     preset = preset_config(preset_name)
     assert preset.image_size == arch.image_size
     torch.manual_seed(SEED)
     network = ReversedAutoEncoder(arch)
-    card = {
-        "name": f"bench-{preset_name}-untrained",
-        "preset": preset.to_dict(),
-        "lpips": {"backbone": "alex"},
-        "training": None,
-        "speed_only": "UNTRAINED weights, calibrated on one benchmark input: for timing `ra detect` only; its "
-                      "anomaly maps and detections mean nothing",
-        "calibration": None,
-        "metrics": {},
-    }
-    save_model_dir(directory, network.state_dict(), arch, card)
-    from ra_engine.detect import detect
-    from ra_engine.imageio import read_image
-    from ra_engine.card import read_card, write_card
-    from ra_engine.modeldir import load_model
+    card = ModelCard(name=f"bench-{preset_name}-untrained", architecture=arch, preset=preset,
+                     method_description="UNTRAINED weights, calibrated on one benchmark input: for timing `ra detect` "
+                                        "only; its anomaly maps and detections mean nothing")
+    save_model_dir(directory, network.state_dict(), card)
+    from ra_engine.detection.pipeline import detect
+    from ra_engine.io.images import read_image
+    from ra_engine.models.card import read_card, write_card
+    from ra_engine.models.modeldir import load_model
 
     found = detect(load_model(directory), read_image(calibrate_on))
     card = read_card(directory)
-    card["calibration"] = calibration_table(found.anomaly_stack[found.slices.masks])
+    card.calibration = calibration_table(found.anomaly_stack[found.slices.masks])
     write_card(directory, card)
 
 
@@ -221,11 +216,13 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
     import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ra_engine.detect import check_input, detect_slices, scorer_for
-    from ra_engine.detect_cli import _write_outputs, plan_jobs
-    from ra_engine.imageio import read_image, validate_image
-    from ra_engine.modeldir import load_model
-    from ra_engine.preprocess import PresetConfig, preprocess
+    from ra_engine.detection.pipeline import check_input, detect_slices, scorer_for
+    from ra_engine.detection.outputs import plan_jobs, write_outputs
+    from ra_engine.io.sources import Source
+    from ra_engine.io.images import read_image, validate_image
+    from ra_engine.models.modeldir import load_model
+    from ra_engine.preprocess.presets import PresetConfig
+    from ra_engine.preprocess.pipeline import preprocess
     rss_imports = rss_bytes()
 
     model = load_model(model_dir, device=device)
@@ -240,7 +237,7 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
     def align():
         validate_image(image)
         check_input(model, image)
-        return preprocess(image, PresetConfig.from_dict(model.card["preset"]))
+        return preprocess(image, PresetConfig.from_dict(model.card.preset))
 
     slices = clock.time("alignment_preprocess", align)
 
@@ -273,15 +270,14 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
     clock.memory("map_back")  # the peak of the network, scoring and mapping back together
 
     threshold = float(found.threshold_at())
-    job = plan_jobs([input_path], Path(out_dir))[0]
+    job = plan_jobs([Source(Path(input_path).absolute())], Path(out_dir))[0]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
 
-    # Inside the outputs stage: each file written by the real `_write_outputs`, timed with the peak RSS after it.
-    import ra_engine.imageio as imageio_module
-    import ra_engine.overlay as overlay_module
+    # Inside the outputs stage: each file written by the real `write_outputs`, timed with the peak RSS after it.
+    import ra_engine.detection.outputs as outputs_module
 
     detail = Clock(threads)
-    write_image, overlay_png = imageio_module.write_image, overlay_module.overlay_png
+    write_image, overlay_png = outputs_module.write_image, outputs_module.overlay_png
 
     def timed(fn, label):
         def wrapper(*a, **k):
@@ -291,14 +287,14 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
 
     def outputs():
         detections = detail.time("detections_at", found.detections_at, threshold)
-        flag_rate = float(model.card["calibration"]["default_flag_rate"])
-        imageio_module.write_image = timed(write_image, "write_image")
-        overlay_module.overlay_png = timed(overlay_png, "overlay_png")
+        flag_rate = float(model.card.calibration.default_flag_rate)
+        outputs_module.write_image = timed(write_image, "write_image")
+        outputs_module.overlay_png = timed(overlay_png, "overlay_png")
         try:  # as `ra detect` does: the report (regions) is made while the writer threads write the maps
-            _write_outputs(job, image, found, detections,
+            write_outputs(job, image, found, detections,
                            lambda: detail.time("report (regions)", found.report, detections, threshold, flag_rate))
         finally:
-            imageio_module.write_image, overlay_module.overlay_png = write_image, overlay_png
+            outputs_module.write_image, outputs_module.overlay_png = write_image, overlay_png
         return detections
 
     detections = clock.time("outputs", outputs)
@@ -350,16 +346,17 @@ def reference_worker(input_path: str, model_dir: str, threads: int, device: str,
     import numpy as np
     from skimage import exposure, filters
 
-    from ra_engine.detect import scorer_for
-    from ra_engine.imageio import read_image
-    from ra_engine.model import reparameterize, set_batchnorm_mode
-    from ra_engine.modeldir import load_model
-    from ra_engine.preprocess import PresetConfig, preprocess
+    from ra_engine.detection.pipeline import scorer_for
+    from ra_engine.io.images import read_image
+    from ra_engine.network.model import reparameterize, set_batchnorm_mode
+    from ra_engine.models.modeldir import load_model
+    from ra_engine.preprocess.presets import PresetConfig
+    from ra_engine.preprocess.pipeline import preprocess
 
     model = load_model(model_dir, device=device)
     lpips_net = scorer_for(model).lpips  # same backbone and weights as ours
     image = read_image(input_path)
-    slices = preprocess(image, PresetConfig.from_dict(model.card["preset"]))
+    slices = preprocess(image, PresetConfig.from_dict(model.card.preset))
     used = np.flatnonzero(slices.masks.reshape(len(slices), -1).any(1))
     n_used = int(used.size)
     if 0 < max_slices < used.size:  # an evenly spaced sample of the same slices (every slice costs the same)
@@ -414,7 +411,7 @@ def sweep_worker(model_dir: str, threads: int, device: str, batches=(1, 4, 8, 16
     torch = _torch(threads)
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ra_engine.modeldir import load_model
+    from ra_engine.models.modeldir import load_model
 
     net = load_model(model_dir, device=device).inference_network  # what detection runs
     out = {"threads": torch.get_num_threads(), "seconds_per_slice": {}, "gflops": {}}
@@ -513,7 +510,7 @@ def run_command(args, input_path: str, model_dir: str, out_dir: Path) -> dict:
 
 def import_seconds(args) -> float:
     """Wall time of a fresh `python -c 'import ra_engine.cli, torch, ...'` (the fixed start-up of every command)."""
-    code = ("import ra_engine.cli, torch, SimpleITK, skimage.exposure, lpips, ra_engine.detect, ra_engine.imageio")
+    code = ("import ra_engine.cli, torch, SimpleITK, skimage.exposure, lpips, ra_engine.detection.pipeline, ra_engine.io.images")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(args.threads), cwd=str(REPO))
     return time.perf_counter() - start

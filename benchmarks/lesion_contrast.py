@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ra_engine.imageio import read_image  # noqa: E402
-from ra_engine.preprocess import preprocess, preset_config  # noqa: E402
+from ra_engine.io.images import read_image  # noqa: E402
+from ra_engine.preprocess.pipeline import preprocess
+from ra_engine.preprocess.presets import preset_config  # noqa: E402
 
 
 def lesion_figures(image_path: Path, mask_path: Path, preset: str, image_size: int, shell: int,
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         import ra_engine
 
         model = ra_engine.load_model(args.model, device="cpu")
-        args.image_size = model.card["preset"]["image_size"]
+        args.image_size = model.card.preset.image_size
 
     by_type: dict[str, list[dict]] = defaultdict(list)
     with open(args.set / "test.csv", newline="") as handle:

@@ -39,7 +39,7 @@ SETS = {
 # on a 2-core CPU (each part well under 10 minutes), with batch-statistics BatchNorm; not a quality claim.
 # smoke-bn-reference: the same with BatchNorm in the paper's reference mode (a learned scale and shift), which RA
 # trains with by default; at this size every brain model collapses to a black output in that mode (see
-# docs/BENCHMARKS.md), so it is run on the chest set. paper: SPEC-RA.md's configuration and schedule.
+# docs/BENCHMARKS.md), so it is run on the chest set. paper: docs/METHOD.md's configuration and schedule.
 SMOKE = ["--image-size", "64", "--widths", "16,32,64,128", "--latent-dim", "64", "--lr", "2e-4", "--max-steps", "400",
          "--epochs", "100000", "--patience", "100000", "--checkpoint-every", "0"]
 SMOKE_DESCRIPTION = "64x64, widths 16-32-64-128, latent 64, lr 2e-4, 400 iterations of batch 8"
@@ -48,7 +48,7 @@ BUDGETS = {
               "describe": f"{SMOKE_DESCRIPTION}, batch-statistics BatchNorm"},
     "smoke-bn-reference": {"options": [*SMOKE, "--batchnorm", "reference"],
                            "describe": f"{SMOKE_DESCRIPTION}, BatchNorm in the paper's reference mode"},
-    "paper": {"options": [], "describe": "SPEC-RA.md: 128x128, widths 64-128-256-512-512, latent 128, lr 5e-5, up to "
+    "paper": {"options": [], "describe": "docs/METHOD.md: 128x128, widths 64-128-256-512-512, latent 128, lr 5e-5, up to "
                                          "1500 epochs with early stopping (patience 500)"},
 }
 FLAG_RATES = ("0.05", "0.01")
@@ -120,11 +120,11 @@ def run_part(set_name: str, folder: Path, method: str, seed: int, budget: str, w
         result = {
             "set": set_name, "method": name, "seed": seed, "budget": budget,
             "budget_description": BUDGETS[budget]["describe"],
-            "iterations": train_card["training"].get("steps"),
-            "training": {**{k: train_card["training"].get(k) for k in ("steps", "epochs", "weights_from",
+            "iterations": train_card.training.steps,
+            "training": {**{k: train_card.training.get(k) for k in ("steps", "epochs", "weights_from",
                                                                       "weights_step", "stopped_by")},
                          "seconds": next((c["seconds"] for c in log if " train " in c["command"]), None)},
-            "model_sha256": train_card.get("weights_sha256"),
+            "model_sha256": train_card.weights_sha256,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
             "commands": log,
             **summary(metrics),

@@ -1,16 +1,7 @@
-"""RA engine: Reversed Auto-Encoders for unsupervised anomaly detection (Bercea et al.). No Slicer, Qt or VTK here.
+"""RA engine: Reversed Auto-Encoders for unsupervised anomaly detection in medical images (Bercea et al.). No Slicer,
+Qt or VTK here. The public API is `ra_engine.api`, re-exported here; `import ra_engine` does not import PyTorch."""
+from ra_engine.api import *  # noqa: F403 (the API's __all__)
+from ra_engine.api import __all__ as _api
+from ra_engine.core.resources import VERSION as __version__
 
-`import ra_engine` stays light (no torch) so that Slicer can import modules before PyTorch is installed; the
-public functions below import their modules on first use.
-"""
-__version__ = "0.1.0"
-
-__all__ = ["__version__", "load_model"]
-
-
-def __getattr__(name: str):
-    if name == "load_model":
-        from .modeldir import load_model
-
-        return load_model
-    raise AttributeError(f"module 'ra_engine' has no attribute {name!r}")
+__all__ = ["__version__", *_api]

@@ -1,0 +1,1 @@
+"""Normal scans -> the model card's thresholds and score distributions."""

@@ -1,0 +1,1 @@
+"""Scans with known lesions -> metrics and figures."""

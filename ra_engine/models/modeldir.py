@@ -1,0 +1,92 @@
+"""Model directories (docs/ARCHITECTURE.md, "Contracts"): `model.safetensors` (weights, loaded without unpickling) and
+`model.json` (the model card, `models.card`). The card carries everything needed to rebuild the network, preprocess
+exactly as in training, score, and reproduce the model; the sha256 of the weights guards against corrupt or tampered
+files."""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ra_engine.core.errors import ModelError
+from ra_engine.core.files import atomic_write, sha256_of
+from ra_engine.core.resources import VERSION
+from ra_engine.models.card import (
+    WEIGHTS_FILE,
+    ModelCard,
+    card_notice,
+    read_card,
+    write_card,
+)
+from ra_engine.models.registry import resolve_model
+from ra_engine.network.config import ArchConfig
+from ra_engine.network.model import ReversedAutoEncoder, inference_copy
+
+
+def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> ModelCard:
+    """Writes weights and card into `directory` (created); returns the card as written. The caller's card gives the
+    name, method, preset, architecture, training record and calibration; the parameter count, checksum, software
+    versions, notice and date are filled in here."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
+    full = replace(card, parameters=sum(v.numel() for k, v in weights.items() if not _is_buffer(k)),
+                   weights_sha256=sha256_of(directory / WEIGHTS_FILE),
+                   software={"ra_engine": VERSION, "torch": torch.__version__},
+                   created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   notice=card_notice(card.method))
+    write_card(directory, full)
+    return full
+
+
+def _is_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+@dataclass
+class RAModel:
+    """A loaded model: the network in eval mode on `device`, and its card."""
+
+    network: ReversedAutoEncoder
+    card: ModelCard
+    path: Path
+    device: torch.device
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.network.config
+
+    @functools.cached_property
+    def inference_network(self) -> ReversedAutoEncoder:
+        """`network` with BatchNorm folded and channels-last weights (`network.model.inference_copy`), built on
+        first use."""
+        return inference_copy(self.network)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> RAModel:
+    """Loads a model directory (or a registered model's name, or a run folder of `ra train`: its `model/`),
+    verifying the weights' sha256 against the card before reading them."""
+    directory = resolve_model(path)
+    card = read_card(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelError(f"{weights_path} is missing: copy the whole model directory")
+    actual = sha256_of(weights_path)
+    if actual != card.weights_sha256:
+        raise ModelError(f"{weights_path} does not match its card (sha256 {actual}, card says "
+                         f"{card.weights_sha256}): the file is corrupt or was changed; get the model again")
+    network = ReversedAutoEncoder(card.architecture)
+    try:
+        network.load_state_dict(load_file(str(weights_path)), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{weights_path} does not fit the architecture in its card: {exc}") from exc
+    device = torch.device(device)
+    network.to(device).eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return RAModel(network, card, directory, device)

@@ -1,0 +1,1 @@
+"""The RA network (encoder, decoder) and its configuration."""

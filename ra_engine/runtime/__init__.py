@@ -1,0 +1,1 @@
+"""Where computation runs: the device, and the process group under torchrun (torch)."""

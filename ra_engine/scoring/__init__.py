@@ -1,0 +1,1 @@
+"""Reconstruction -> anomaly map: CLAHE, LPIPS with offline weights, and the anomaly scorer."""
