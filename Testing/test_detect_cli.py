@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import shutil
 import signal
 from pathlib import Path
@@ -203,7 +204,8 @@ def test_radiographs_from_a_csv_png_rgb_and_dicom(xray_model, tmp_path):
     PILImage.fromarray(body).save(data / "body.png")
     write_dicom(data / "film.dcm", spacing=(0.4, 0.5))
     (data / "list.csv").write_text("image,mask\nchest.png,body.png\nfilm.dcm,\n")
-    with pytest.warns(UserWarning, match="RGB image converted to grey"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*converted to grey")  # grey stored as RGB: no warning
         assert ra_detect(data / "list.csv", "--model", xray_model, "--out", out, "--quiet", "--flag-rate", "1%") == 0
 
     table = read_card(xray_model).calibration

@@ -2,10 +2,13 @@
 atomic writes."""
 import shutil
 
+import warnings
+
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from PIL import Image as PILImage
 from pydicom.data import get_testdata_file
 
 from fixtures_io import oblique_geometry, random_volume, write_dicom_series
@@ -71,6 +74,15 @@ def test_rgb_becomes_grey_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="RGB image converted to grey"):
         image = read_image(tmp_path / "colour.png")
     np.testing.assert_allclose(image.array, rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-4)
+
+
+def test_grey_stored_as_rgb_is_read_as_its_grey_without_a_warning(tmp_path):
+    grey = np.random.default_rng(3).integers(0, 256, (8, 9), dtype=np.uint8)
+    PILImage.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "grey.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = read_image(tmp_path / "grey.png")
+    assert np.array_equal(image.array, grey.astype(np.float32))
 
 
 def test_png_writes_refuse_what_png_cannot_hold(tmp_path):

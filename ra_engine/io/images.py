@@ -202,11 +202,14 @@ def _from_sitk(image: sitk.Image, path: Path, metadata: dict) -> Image:
 
 def to_grey(array: np.ndarray, path: Path | str) -> np.ndarray:
     """(y, x, c) colour pixels -> (y, x) grey: luminance of RGB(A), the grey channel of grey+alpha, with a warning
-    that names `path` (the file, or what the array is)."""
+    that names `path` (the file, or what the array is); grey pixels stored as RGB(A) (three equal channels) become
+    their grey without a warning."""
     channels = array.shape[-1]
     if channels == 2:
         warnings.warn(f"{path}: grey+alpha image, the alpha channel is dropped", stacklevel=2)
         return array[..., 0]
+    if channels in (3, 4) and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
+        return array[..., 0]  # grey stored as RGB (8-bit JPEG radiographs often are): its grey, nothing lost
     if channels in (3, 4):
         warnings.warn(f"{path}: {'RGBA' if channels == 4 else 'RGB'} image converted to grey "
                       f"(luminance 0.299 R + 0.587 G + 0.114 B{', alpha dropped' if channels == 4 else ''})",
