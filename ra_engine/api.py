@@ -44,10 +44,10 @@ from ra_engine.thresholds.table import (
     resolve_threshold,
     validate_flag_rate,
 )
-from ra_engine.training.config import METHODS, AugmentConfig, LossWeights, TrainConfig
+from ra_engine.training.config import METHODS, AcquisitionConfig, AugmentConfig, LossWeights, TrainConfig
 
 __all__ = [
-    "ArchConfig", "AugmentConfig", "BUNDLED_MODELS_DIR", "Calibration", "Cancelled", "DataError", "DEFAULT_FLAG_RATE",
+    "AcquisitionConfig", "ArchConfig", "AugmentConfig", "BUNDLED_MODELS_DIR", "Calibration", "Cancelled", "DataError", "DEFAULT_FLAG_RATE",
     "DEVICE_CHOICES", "FLAG_RATES",
     "Geometry", "Image", "LossWeights", "METHODS", "ModelCard", "ModelError", "PRESETS", "PresetConfig", "Progress",
     "ProgressFn",
@@ -149,7 +149,8 @@ def save_detection(model, image: Image, detection, out: str | Path, *, name: str
 
 def train(data, out: str | Path, *, preset: str | PresetConfig = "brain-mri", arch: ArchConfig | None = None,
           config: TrainConfig | None = None, device: str = "auto", workers: int = 0, resume: bool = False,
-          overwrite: bool = False, val_fraction: float | None = None, cache_dir: str | Path | None = None,
+          overwrite: bool = False, val_fraction: float | None = None, val_data=None,
+          cache_dir: str | Path | None = None,
           progress: Progress | None = None, command: list[str] | None = None, calibrate: bool = True):
     """`ra train`: trains on the normal scans `data` (a folder, glob, CSV or list) into the run folder `out`
     (`training.pipeline.run_training`). preset: a preset's name (its defaults at the architecture's image size) or a
@@ -164,6 +165,7 @@ def train(data, out: str | Path, *, preset: str | PresetConfig = "brain-mri", ar
         config = TrainConfig(augment=AugmentConfig(flip=preset.flip))
     return run_training(data, preset, Path(out), arch, config, device=device, workers=workers, resume=resume,
                         overwrite=overwrite, val_fraction=VAL_FRACTION if val_fraction is None else val_fraction,
+                        val_data=val_data,
                         cache_dir=cache_dir, progress=progress, command=command, calibrate=calibrate)
 
 

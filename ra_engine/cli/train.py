@@ -71,12 +71,20 @@ def add_train_parser(sub) -> None:
                    help="reference: BatchNorm as a learned scale and shift (how the published results were "
                         "trained); batch: batch statistics")
     p.add_argument("--sync-batchnorm", action="store_true", help="with --batchnorm batch under torchrun on GPUs")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast: on CUDA GPUs, and on CPUs with AVX512-BF16 or AMX, where it measured "
+                        "1.6-2.2x faster (docs/BENCHMARKS.md); weights and optimiser states stay float32")
+    p.add_argument("--acquisition", action="store_true",
+                   help="simulate other acquisitions in training (blur along one axis, bias field, gamma, noise; "
+                        "docs/METHOD.md): for clinical scans unlike the training cohort; off in the paper")
     add_device_option(p)
     p.add_argument("--seed", type=int, default=TRAIN.seed)
     p.add_argument("--workers", type=int, default=0, help="processes that preprocess scans into the slice cache")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="share of whole scans held out for validation")
+                   help="share of whole scans held out for validation (and calibration) when --val-data is not given")
+    p.add_argument("--val-data", nargs="+", default=None, metavar="NORMALS",
+                   help="normal scans to validate (and calibrate) on instead of a random share of --data, e.g. other "
+                        "patients: a folder, glob, CSV or several paths")
     p.add_argument("--checkpoint-every", type=int, default=TRAIN.checkpoint_every,
                    help="also checkpoint every N iterations (0: only at epoch ends and stops)")
     p.add_argument("--cache-dir", type=Path, default=None, help="slice cache folder (default RUN_DIR/cache)")
@@ -100,13 +108,15 @@ def cmd_train(args) -> int:
                              seed=args.seed, patience=args.patience, batchnorm=args.batchnorm,
                              sync_batchnorm=args.sync_batchnorm, amp=args.amp, max_steps=args.max_steps,
                              checkpoint_every=args.checkpoint_every, select=args.select,
-                             augment=api.AugmentConfig(flip=preset.flip))
+                             augment=api.AugmentConfig(flip=preset.flip, acquisition=(
+                                 api.AcquisitionConfig() if args.acquisition else None)))
     progress = api.Progress(args.progress_json, bar=not args.quiet and args.progress_json != "-",
                             stop_file=args.stop_file)
     with stop_on_signals(progress):
         result, model_dir = api.train(args.data, args.out, preset=preset, arch=arch, config=config,
                                       device=args.device, workers=args.workers, resume=args.resume,
                                       overwrite=args.overwrite, val_fraction=args.val_fraction,
+                                      val_data=args.val_data,
                                       cache_dir=args.cache_dir, progress=progress, command=args.command_line,
                                       calibrate=args.calibrate)
     progress.close()

@@ -42,21 +42,45 @@ class LossWeights:
 
 
 @dataclass(frozen=True)
+class AcquisitionConfig:
+    """Augmentation that simulates other acquisitions without changing anatomy (docs/METHOD.md, "Training"): each
+    effect is applied to an image with probability `p`. blur: a Gaussian blur along one image axis (y or x, chosen
+    at random) with sigma up to `blur` pixels (thick slices of a scan in another plane, lower in-plane resolution);
+    bias: a smooth multiplicative field exp(f), f a random polynomial of degree 3 over the image scaled to at most
+    `bias` (coil sensitivity, the heel effect); gamma: intensities raised to exp(u), |u| <= `gamma` (contrast,
+    windowing); noise: Gaussian noise of sigma up to `noise` on the foreground (x > 0), then clipped to [0, 1]."""
+
+    p: float = 0.5
+    blur: float = 1.5
+    bias: float = 0.3
+    gamma: float = 0.35
+    noise: float = 0.03
+
+    def __post_init__(self):
+        if not 0 <= self.p <= 1 or min(self.blur, self.bias, self.gamma, self.noise) < 0:
+            raise ValueError(f"acquisition augmentation needs 0 <= p <= 1 and non-negative strengths: {self}")
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """The training augmentation: a random affine (rotation up to `rotation_deg` degrees, translation up to
-    `translation` of the image size, scale in `scale`) and, with `flip`, a left-right flip with probability 0.5."""
+    `translation` of the image size, scale in `scale`) and, with `flip`, a left-right flip with probability 0.5 (the
+    paper's); `acquisition`: the simulation of other acquisitions (`AcquisitionConfig`; None, the paper's: none)."""
 
     rotation_deg: float = 10.0
     translation: float = 0.1
     scale: tuple[float, float] = (0.9, 1.1)
     flip: bool = True
+    acquisition: AcquisitionConfig | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scale": list(self.scale)}
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
-        return cls(**{**d, "scale": tuple(d.get("scale", cls.scale))})
+        acquisition = d.get("acquisition")
+        return cls(**{**d, "scale": tuple(d.get("scale", cls.scale)),
+                      "acquisition": None if acquisition is None else AcquisitionConfig(**acquisition)})
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ra_engine.core.progress import Progress
 from ra_engine.network.config import ArchConfig
 from ra_engine.network.model import ReversedAutoEncoder, set_batchnorm_mode
 from ra_engine.runtime.distributed import ProcessGroup
-from ra_engine.training.augment import augment, draw_params
+from ra_engine.training.augment import augment, draw_acquisition, draw_params, simulate_acquisition
 from ra_engine.training.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -277,7 +277,8 @@ class Trainer:
         ckpt = load_checkpoint(self.latest_path, map_location=self.device)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RAError(f"{self.latest_path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
-        saved = {"method": "ra", **ckpt["config"]}  # checkpoints from before `method` existed are RA's
+        # Checkpoints from before `method` existed are RA's; options added since take their defaults.
+        saved = TrainConfig.from_dict({"method": "ra", **ckpt["config"]}).to_dict()
         now = self.config.to_dict()
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         differences = list(changed)
@@ -300,8 +301,13 @@ class Trainer:
     def _batch(self, perm: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
         rows = perm[k * self.config.batch_size:(k + 1) * self.config.batch_size][self.shard.rows(self.local_batch)]
         x = torch.from_numpy(np.asarray(self.train_images[rows.numpy()], dtype=np.float32)).unsqueeze(1)
-        params = draw_params(self.config.batch_size, self.config.augment, generator)[self.shard.rows(self.local_batch)]
-        return augment(x.to(self.device), params)
+        mine = self.shard.rows(self.local_batch)
+        x = augment(x.to(self.device), draw_params(self.config.batch_size, self.config.augment, generator)[mine])
+        acquisition = self.config.augment.acquisition
+        if acquisition is not None:  # drawn after the affine's numbers: runs without it draw exactly as before
+            params = draw_acquisition(self.config.batch_size, x.shape[-2:], acquisition, generator).rows(mine)
+            x = simulate_acquisition(x, params)
+        return x
 
     def _epoch_permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.train_images), generator=step_generator(self.config.seed, -1 - epoch))
