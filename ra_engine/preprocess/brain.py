@@ -106,7 +106,7 @@ def preprocess_brain(image: Image, config: PresetConfig, mask: Image | None, tra
                         "inside the scan's field of view); check that the scan is a head T1")
     if config.align:
         reference = reference_in_model_space(config, "brain" if skull_stripped else "head")
-        correlation = _rank_correlation(scan[inside], reference[inside])
+        correlation = rank_correlation(scan[inside], reference[inside])
         space.alignment["reference_correlation"] = round(correlation, 4)
         if not correlation >= MIN_REFERENCE_CORRELATION:
             raise DataError(f"alignment failed: no brain in the model space (the aligned scan does not look like "
@@ -147,7 +147,7 @@ def _mask_in_model_space(mask: Image, space: ModelSpace) -> np.ndarray:
     return sitk.GetArrayFromImage(mapped) > 0
 
 
-def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two equally long samples: monotonic intensity changes (contrast, gamma)
     leave it unchanged, and it is not dominated by a few bright voxels."""
     ranks = [_ranks(v) for v in (a, b)]

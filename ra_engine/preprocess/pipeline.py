@@ -7,6 +7,7 @@ from __future__ import annotations
 from ra_engine.core.image import Image
 from ra_engine.preprocess.brain import preprocess_brain
 from ra_engine.preprocess.presets import PresetConfig
+from ra_engine.preprocess.slices import preprocess_brain_slice
 from ra_engine.preprocess.space import SliceSet
 from ra_engine.preprocess.xray import preprocess_xray
 
@@ -25,6 +26,8 @@ def preprocess(image: Image, config: PresetConfig, mask: Image | None = None, *,
         instead of the reference head); None detects it (`is_skull_stripped`).
     Raises DataError when the scan cannot be used (wrong dimension, no contrast, alignment failed).
     """
+    if config.name == "brain-mri" and (image.array.ndim == 2 or image.array.shape[0] == 1):
+        return preprocess_brain_slice(image, config, mask)
     if config.name == "brain-mri":
         return preprocess_brain(image, config, mask, training, skull_stripped)
     return preprocess_xray(image, config, mask)

@@ -75,7 +75,7 @@ def register(small: sitk.Image, config: PresetConfig, skull_stripped: bool) -> t
 
 
 @contextlib.contextmanager
-def _threads(count: int):
+def sitk_threads(count: int):
     """SimpleITK's default thread count set to `count` for the duration (the registration's metric follows the
     global default, not the method's own setting)."""
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -110,7 +110,7 @@ def _run_registration(fixed: sitk.Image, moving: sitk.Image, region: sitk.Image,
     method.SetSmoothingSigmasPerLevel([float(f - 1) for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(initial, inPlace=False)
-    with _threads(REGISTRATION_THREADS):
+    with sitk_threads(REGISTRATION_THREADS):
         transform = method.Execute(fixed, moving)
     if isinstance(transform, sitk.CompositeTransform):
         transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ra_engine.calibration.calibrate import calibrate_model
-from ra_engine.core.errors import RAError
+from ra_engine.core.errors import DataError, RAError
 from ra_engine.core.files import common_root, file_fingerprint
 from ra_engine.core.image import Image
 from ra_engine.core.progress import Progress
@@ -31,7 +31,7 @@ from ra_engine.runtime.devices import resolve_device
 from ra_engine.runtime.distributed import ProcessGroup, init_distributed
 from ra_engine.training.checkpoint import load_checkpoint
 from ra_engine.training.config import METHODS, TrainConfig
-from ra_engine.training.slicestore import SliceStore, split_by_scan
+from ra_engine.training.slicestore import SliceStore, split_by_scan, split_by_sources
 from ra_engine.training.trainer import Trainer, TrainResult
 
 log = logging.getLogger("ra_engine")
@@ -44,6 +44,11 @@ class TrainingPreprocess:
     """Picklable preprocessing of one training scan (worker processes call it)."""
 
     config: PresetConfig
+
+    @property
+    def mixed_dimensions(self) -> bool:
+        """brain-mri places 2D axial slices and 3D volumes in one model space (`preprocess.slices`)."""
+        return self.config.name == "brain-mri"
 
     def __call__(self, image: Image, mask: Image | None):
         return preprocess(image, self.config, mask, training=True)
@@ -98,9 +103,11 @@ def _fingerprint(sources, preset: PresetConfig) -> dict:
 
 def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config: TrainConfig, *,
                  device: str = "auto", workers: int = 0, resume: bool = False, overwrite: bool = False,
-                 val_fraction: float = VAL_FRACTION, cache_dir: Path | None = None, progress: Progress | None = None,
+                 val_fraction: float = VAL_FRACTION, val_data=None, cache_dir: Path | None = None,
+                 progress: Progress | None = None,
                  command: list[str] | None = None, calibrate: bool = True) -> tuple[TrainResult, Path | None]:
-    """Trains RA on the normal scans `data` (folder, glob, CSV or list). Returns the result and the model
+    """Trains RA on the normal scans `data` (folder, glob, CSV or list), validating on the scans `val_data` when
+    given (e.g. other patients), else on a random `val_fraction` of the scans. Returns the result and the model
     directory (None when the run was cancelled: resume it with resume=True). With `calibrate`, the model's
     detection thresholds are then calibrated on the scans held out for validation (`ra calibrate` can redo it on
     other normal scans)."""
@@ -113,13 +120,22 @@ def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config
     rank = group.rank
     torch_device = resolve_device(device)
     sources = list_sources(data)  # before anything is written: bad data leaves no half-made run folder
+    held_out = None
+    if val_data is not None:
+        val_sources = list_sources(val_data)
+        both = sorted(str(s.image) for s in {s.image for s in sources} & {s.image for s in val_sources})
+        if both:
+            raise DataError(f"{len(both)} scan(s) are both training and validation data ({', '.join(both[:3])}): "
+                            "hold validation scans out of the training data")
+        sources, held_out = sources + val_sources, {s.image for s in val_sources}
     created = not out.exists()
     handler = None
     try:
         if rank == 0:
             prepare_run_dir(out, resume, overwrite)
             handler = _log_to(out / "train.log")
-        prepared = _prepare_data(sources, preset, out, cache_dir, workers, val_fraction, config.seed, progress, group)
+        prepared = _prepare_data(sources, preset, out, cache_dir, workers, val_fraction, held_out, config.seed,
+                                 progress, group)
     except BaseException:
         if created and rank == 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -161,8 +177,10 @@ class PreparedData:
 
 
 def _prepare_data(sources, preset: PresetConfig, out: Path, cache_dir: Path | None, workers: int,
-                  val_fraction: float, seed: int, progress: Progress, group: ProcessGroup) -> PreparedData:
-    """Builds (rank 0) or opens (other ranks) the slice store and splits it by scan."""
+                  val_fraction: float, held_out: set[Path] | None, seed: int, progress: Progress,
+                  group: ProcessGroup) -> PreparedData:
+    """Builds (rank 0) or opens (other ranks) the slice store and splits it by scan: the `held_out` scans (given
+    validation data), else a random `val_fraction` of them."""
     fingerprint = _fingerprint(sources, preset)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     build = lambda: SliceStore.build(sources, TrainingPreprocess(preset), cache, fingerprint, workers=workers,
@@ -172,11 +190,14 @@ def _prepare_data(sources, preset: PresetConfig, out: Path, cache_dir: Path | No
     group.barrier()
     if group.rank != 0:
         store = build()  # the store rank 0 wrote: same fingerprint, so nothing is read again
-    train_idx, val_idx = split_by_scan(store, val_fraction, seed=seed)
+    if held_out is None:
+        train_idx, val_idx = split_by_scan(store, val_fraction, seed=seed)
+    else:
+        train_idx, val_idx = split_by_sources(store, held_out)
     data_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     summary = {"sources": len(sources), "scans_used": store.n_scans, "skipped": [str(s) for s in store.skipped],
                "slices": len(store), "train_slices": len(train_idx), "val_slices": len(val_idx),
-               "val_fraction": val_fraction, "sha256": data_hash}
+               "val_fraction": None if held_out is not None else val_fraction, "sha256": data_hash}
     held_out = [str(store.sources[i].image) for i in np.unique(store.scan_index[val_idx])]
     log.info("data: %s; held out: %s", summary, held_out)
     return PreparedData(store, train_idx, val_idx, summary, held_out)

@@ -95,7 +95,8 @@ class SliceStore:
         function, a functools.partial or a dataclass instance). `progress` gets a "step" event after each scan
         ("preprocessing: <file name>"); cancelling it raises `Cancelled`. Unusable sources are skipped with a warning as
         long as at least `min_fraction` of them, and one at least, remain; otherwise DataError lists them all. Mixed 2D
-        and 3D sources, or preprocessed slices of different sizes, raise DataError."""
+        and 3D sources (unless `preprocess.mixed_dimensions` is true: a preset that puts both into one model space), or
+        preprocessed slices of different sizes, raise DataError."""
         cache_dir = Path(cache_dir)
         existing = cls.open(cache_dir, fingerprint)
         if existing is not None:
@@ -139,6 +140,18 @@ def split_by_scan(store: SliceStore, val_fraction: float = 0.1, seed: int = 2109
         held_out = np.zeros(len(store), dtype=bool)
         held_out[rng.permutation(len(store))[:n_val]] = True
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def split_by_sources(store: SliceStore, held_out: set[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Slice indices (sorted int64) for training and validation: validation holds the slices of the scans whose
+    image is in `held_out` (absolute paths). DataError when none of them, or all scans, are held out."""
+    chosen = [i for i, source in enumerate(store.sources) if source.image in held_out]
+    if not chosen:
+        raise DataError("none of the validation scans could be used (see the skipped files): give usable ones")
+    if len(chosen) == store.n_scans:
+        raise DataError("every scan is a validation scan: give training scans too")
+    mask = np.isin(store.scan_index, chosen)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def _normalised(fingerprint: dict) -> dict:
@@ -188,7 +201,7 @@ def _preprocess_all(sources: list[Source], preprocess: PreprocessFn, work: Path,
         name = sources[outcome.index].image.name
         if outcome.error is None:
             names_by_dimension.setdefault(outcome.dimension, []).append(name)
-            if len(names_by_dimension) > 1:
+            if len(names_by_dimension) > 1 and not getattr(preprocess, "mixed_dimensions", False):
                 raise DataError(f"mixed dimensions: 2D images ({_some(names_by_dimension[2])}) and 3D volumes "
                                 f"({_some(names_by_dimension[3])}): use one kind per data set")
         message = name if outcome.error is None else f"skipped {name}: {outcome.error}"
