@@ -333,8 +333,8 @@ def test_scans_without_a_brain_are_refused(mni):
     flat = Image(np.full((60, 60, 60), 7.0, np.float32), Geometry.identity(3, (3.0, 3.0, 3.0)))
     with pytest.raises(DataError, match="constant"):
         preprocess(flat, BRAIN)
-    with pytest.raises(DataError, match="3D volume"):
-        preprocess(Image(mni.array[40], Geometry.identity(2)), BRAIN)
+    # A 2D axial slice is no longer refused: it is placed at its level (Testing/test_brain_slices.py).
+    assert len(preprocess(Image(mni.array[40], Geometry.identity(2)), BRAIN)) == 1
 
 
 # ---- xray ------------------------------------------------------------------------------------------------------
