@@ -35,18 +35,16 @@ def scorer_for(model: RAModel, kind: str = "full") -> AnomalyScorer:
 
 
 def check_input(model: RAModel, image: Image, force: bool = False) -> None:
-    """Raises ModelError when `image` is not what the model is made for: a 2D image for a brain-mri model, a volume
-    for an xray model (these cannot run at all), or a DICOM whose Modality is not the preset's (e.g. CT given to a
-    brain MRI model; `force` lets it run anyway)."""
+    """Raises ModelError when `image` is not what the model is made for: a volume for an xray model (it cannot run
+    at all), or a DICOM whose Modality is not the preset's (e.g. CT given to a brain MRI model; `force` lets it run
+    anyway). A 2D image given to a brain-mri model is taken as an axial brain slice (`preprocess.slices`), which
+    its alignment refuses when it is not one."""
     preset = model.card.preset.name
     name = image.source or "the image"
     shape = image.array.shape
     planar = image.array.ndim == 2 or (image.array.ndim == 3 and shape[0] == 1)
     modality = str(image.metadata.get("modality") or "").upper()
     expected = PRESET_MODALITIES.get(preset, ())
-    if preset == "brain-mri" and planar:
-        raise ModelError(f"{name} is a 2D image {shape} (a radiograph or a single slice), but the model is a "
-                         "brain-mri model for 3D head MRI volumes: use an xray model for radiographs")
     if preset == "xray" and not planar:
         raise ModelError(f"{name} is a 3D volume {shape}, but the model is an xray model for 2D radiographs: use a "
                          "brain-mri model for head MRI, or give one 2D radiograph")
@@ -114,7 +112,10 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
 
 
 def _reference_z(space, position: int) -> dict:
-    """{"reference_z_mm": height of model slice `position` in the reference space} for brain-mri, {} otherwise."""
+    """{"reference_z_mm": height of model slice `position` in the reference space} for brain-mri (for a 2D slice,
+    of the level it was placed at), {} otherwise."""
+    if space.kind == "brain-slice":
+        return {"reference_z_mm": space.alignment["reference_z_mm"]}
     if space.kind != "brain-mri":
         return {}
     return {"reference_z_mm": round(float(space.geometry.origin[2] + position * space.geometry.spacing[2]), 3)}

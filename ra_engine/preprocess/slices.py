@@ -50,15 +50,17 @@ def preprocess_brain_slice(image: Image, config: PresetConfig, mask: Image | Non
     moving = np.asarray(array, dtype=np.float32)
     brain = _foreground(moving) if mask is None else _user_mask(mask, moving.shape)
     if brain.sum() < 64:
-        raise DataError("no brain in the slice: too few foreground pixels (a skull-stripped axial slice is needed)")
+        raise DataError("no brain in the slice: too few foreground pixels (a brain-mri model takes 3D head MRI "
+                        "volumes or skull-stripped axial T1 slices: for a radiograph, use an xray model)")
     plane = _Plane(moving, brain)
     candidates = _candidates(config, plane)
     refined = [_refine(config, plane, level, initial) for level, initial, _ in candidates[:REFINED_LEVELS]]
     level, transform, correlation = max(refined, key=lambda r: r[2])
     if not correlation >= MIN_REFERENCE_CORRELATION:
         raise DataError(f"alignment failed: the slice does not look like an axial slice of the reference T1 brain "
-                        f"(best correlation {correlation:.2f} < {MIN_REFERENCE_CORRELATION}); a skull-stripped "
-                        "axial T1 slice is needed")
+                        f"(best correlation {correlation:.2f} < {MIN_REFERENCE_CORRELATION}); a brain-mri model "
+                        "takes 3D head MRI volumes or skull-stripped axial T1 slices: for a radiograph, use an xray "
+                        "model")
 
     shape, grid = model_grid(config)
     size, pixel = config.image_size, config.pixel_mm
