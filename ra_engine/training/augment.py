@@ -75,7 +75,7 @@ def draw_acquisition(n: int, size: tuple[int, int], config: AcquisitionConfig,
     u = torch.rand(n, 8, generator=generator, dtype=torch.float64)
     on = u[:, :4] < config.p
     blur_sigma = torch.where(on[:, 0], u[:, 4] * config.blur, 0.0)
-    blur_axis = (u[:, 5] < 0.5).long()
+    blur_axis = (u[:, 5] < 0.5).to(torch.int64)
     coefficients = torch.rand(n, len(_BIAS_TERMS), generator=generator, dtype=torch.float64) * 2 - 1
     bias = coefficients * on[:, 1:2] * config.bias / len(_BIAS_TERMS) ** 0.5
     gamma = torch.where(on[:, 2], torch.exp((2 * u[:, 6] - 1) * config.gamma), 1.0)

@@ -38,7 +38,9 @@ def exp_elbo(x_prime: torch.Tensor, x_prime_rec: torch.Tensor, mu: torch.Tensor,
 def embedding_loss(features_x: list[torch.Tensor], features_r: list[torch.Tensor]) -> torch.Tensor:
     """L_emb = sum over scales of 0.5 MSE(F_l(x), F_l(x_r)) + mean over the batch of (1 - cos(flat F_l(x), flat F_l(x_r)))."""
     total = features_x[0].new_zeros(())
-    for fx, fr in zip(features_x, features_r, strict=True):
+    if len(features_x) != len(features_r):
+        raise ValueError(f"{len(features_x)} embeddings of x but {len(features_r)} of x_r")
+    for fx, fr in zip(features_x, features_r):
         cosine = F.cosine_similarity(fx.flatten(1), fr.flatten(1), dim=1)
         total = total + 0.5 * F.mse_loss(fx, fr) + (1.0 - cosine).mean()
     return total
