@@ -236,3 +236,22 @@ def test_ra_calibrate_by_registered_name_with_progress(tmp_path, alex_safetensor
 
     with pytest.raises(ModelError, match="registered models: xr"):
         run_cli("--model", "missing", "--data", str(normals))
+
+
+def test_the_image_score_can_be_the_reconstruction_error_and_the_distributions_follow_it(tmp_path, scorer):
+    model_dir = make_model(tmp_path / "m")
+    normals = write_radiographs(tmp_path / "normals", 3)
+    calibrate_model(model_dir, normals, scorer=scorer, image_score="l1")
+    model = load_model(model_dir)
+    assert model.card.image_score == "l1"
+    found = detect(model, read_image(sorted(normals.glob("*.png"))[0]), scorer)
+    x, x_ph = found.slices.images, None
+    expected = None
+    with torch.inference_mode():
+        batch = torch.from_numpy(x).unsqueeze(1)
+        x_ph = model.inference_network.reconstruct(batch.contiguous(memory_format=torch.channels_last))[:, 0].numpy()
+        expected = float(np.abs(x - x_ph)[found.slices.masks].mean())
+    assert found.scan_score == pytest.approx(expected, rel=1e-5)
+    assert found.scan_score in model.card.calibration.slice_scores["quantiles"], "the distribution is of l1 too"
+    with pytest.raises(DataError, match="unknown image score"):
+        calibrate_model(model_dir, normals, scorer=scorer, image_score="max")

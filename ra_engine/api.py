@@ -37,6 +37,7 @@ from ra_engine.models.registry import (
 )
 from ra_engine.network.config import ArchConfig
 from ra_engine.preprocess.presets import PRESETS, PresetConfig, preset_config
+from ra_engine.scoring.kinds import IMAGE_SCORES, SCORE_KINDS
 from ra_engine.thresholds.table import (
     DEFAULT_FLAG_RATE,
     FLAG_RATES,
@@ -48,7 +49,7 @@ from ra_engine.training.config import METHODS, AcquisitionConfig, AugmentConfig,
 
 __all__ = [
     "AcquisitionConfig", "ArchConfig", "AugmentConfig", "BUNDLED_MODELS_DIR", "Calibration", "Cancelled", "DataError", "DEFAULT_FLAG_RATE",
-    "DEVICE_CHOICES", "FLAG_RATES",
+    "DEVICE_CHOICES", "FLAG_RATES", "IMAGE_SCORES", "SCORE_KINDS",
     "Geometry", "Image", "LossWeights", "METHODS", "ModelCard", "ModelError", "PRESETS", "PresetConfig", "Progress",
     "ProgressFn",
     "RAError", "Source", "TrainConfig", "calibrate", "detect", "detect_files", "evaluate", "import_model",
@@ -170,13 +171,15 @@ def train(data, out: str | Path, *, preset: str | PresetConfig = "brain-mri", ar
 
 
 def calibrate(model, data, *, flag_rate: float = DEFAULT_FLAG_RATE, device: str = "auto", batch_size: int = 8,
-              progress: Progress | None = None, command: list[str] | None = None, scorer=None) -> Calibration:
+              progress: Progress | None = None, command: list[str] | None = None, scorer=None,
+              image_score: str | None = None) -> Calibration:
     """`ra calibrate`: calibrates the model in a model directory (or run folder, or registered name) on normal scans
-    held out from training and writes the result into its card (`calibration.calibrate.calibrate_model`)."""
+    held out from training and writes the result into its card (`calibration.calibrate.calibrate_model`);
+    `image_score` sets the card's image-level score (`IMAGE_SCORES`) and the distributions are of it."""
     from ra_engine.calibration.calibrate import calibrate_model
 
     return calibrate_model(resolve_model(model), data, scorer=scorer, device=device, progress=progress,
-                           batch_size=batch_size, flag_rate=flag_rate, command=command)
+                           batch_size=batch_size, flag_rate=flag_rate, command=command, image_score=image_score)
 
 
 def evaluate(model, data, *, out: str | Path | None = None, score: str = "full",

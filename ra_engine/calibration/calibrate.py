@@ -22,6 +22,7 @@ from ra_engine.io.sources import list_sources
 from ra_engine.models.card import read_card, write_card
 from ra_engine.models.modeldir import RAModel, load_model
 from ra_engine.runtime.devices import resolve_device
+from ra_engine.scoring.kinds import IMAGE_SCORES
 from ra_engine.thresholds.sampling import MAX_PIXELS, PixelSample
 from ra_engine.thresholds.table import (
     DEFAULT_FLAG_RATE,
@@ -72,7 +73,7 @@ def pool_normals(model: RAModel, sources, scorer, *, batch_size: int = 8, progre
 
 def calibrate_model(model_dir: str | Path, sources, scorer=None, device: str = "cpu", progress=None,
                     batch_size: int = 8, flag_rate: float = DEFAULT_FLAG_RATE, command: list[str] | None = None,
-                    max_pixels: int = MAX_PIXELS) -> Calibration:
+                    max_pixels: int = MAX_PIXELS, image_score: str | None = None) -> Calibration:
     """Calibrates the model in `model_dir` on the normal scans `sources` (a folder, glob, CSV or list, as for
     training; give scans held out from training) and writes the result into its card's `calibration` section.
 
@@ -81,11 +82,17 @@ def calibrate_model(model_dir: str | Path, sources, scorer=None, device: str = "
     to their common folder, size, sha256). Scans that cannot be used (DataError) are skipped with a warning and
     listed. scorer: an `AnomalyScorer` (None: the one the card names, `detection.pipeline.scorer_for`). progress: a
     `Progress`; one "step" event per scan; cancelling it stops the job (raises `Cancelled`) and leaves the card as it
-    was. The card is rewritten atomically; the weights and their sha256 are not touched. Returns the calibration."""
+    was. image_score: the image-level score the card names from now on (`scoring.kinds.IMAGE_SCORES`; None keeps
+    the card's); the slice and scan score distributions are of that score. The card is rewritten atomically; the
+    weights and their sha256 are not touched. Returns the calibration."""
     flag_rate = validate_flag_rate(flag_rate)
     progress = progress or Progress()
     sources = list_sources(sources)
     model = load_model(model_dir, device=resolve_device(device))
+    if image_score is not None:
+        if image_score not in IMAGE_SCORES:
+            raise DataError(f"unknown image score {image_score!r}: choose one of {', '.join(IMAGE_SCORES)}")
+        model.card = replace(model.card, image_score=image_score)
     scorer = scorer or scorer_for(model)
     pool, run, used = pool_normals(model, sources, scorer, batch_size=batch_size, progress=progress,
                                    max_pixels=max_pixels, start=f"calibrating on {len(sources)} normal scan(s)",
@@ -110,7 +117,7 @@ def calibrate_model(model_dir: str | Path, sources, scorer=None, device: str = "
                  for s in run.skipped],
         command=list(command) if command else None,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    write_card(model_dir, read_card(model_dir).with_calibration(calibration))
+    write_card(model_dir, replace(read_card(model_dir), calibration=calibration, image_score=model.card.image_score))
     progress.emit("done", step=len(sources), total_steps=len(sources),
                   message=f"calibrated on {len(used)} scan(s), {pool.pixels.seen} foreground pixels")
     return calibration

@@ -34,6 +34,10 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--flag-rate", type=flag_rate, default=DEFAULT_FLAG_RATE,
                    help="the default flag rate stored in the card, as a fraction (0.05) or a percentage (5%%); "
                         "0.01 is the strict choice")
+    p.add_argument("--image-score", choices=tuple(api.IMAGE_SCORES), default=None,
+                   help="the image-level score the card names from now on (its slice and scan percentiles are of "
+                        "it): " + "; ".join(f"{k}: {v}" for k, v in api.IMAGE_SCORES.items()) + " (default: keep the "
+                        "card's, mean_a for a new model)")
     add_device_option(p)
     p.add_argument("--batch-size", type=positive(int), default=8, help="slices per forward pass")
     add_progress_options(p, quiet_help="no progress bar and no summary")
@@ -47,7 +51,7 @@ def cmd_calibrate(args) -> int:
         with stop_on_signals(progress):
             calibration = api.calibrate(model_dir, args.data, device=args.device, progress=progress,
                                         batch_size=args.batch_size, flag_rate=args.flag_rate,
-                                        command=getattr(args, "command_line", None))
+                                        command=getattr(args, "command_line", None), image_score=args.image_score)
     except Exception as exc:
         progress.emit("error", message=str(exc))
         raise

@@ -26,7 +26,7 @@ from ra_engine.core.errors import Cancelled
 from ra_engine.core.progress import Progress
 from ra_engine.evaluation.metrics import DEFAULT_FLAG_RATES
 from ra_engine.evaluation.report import summary
-from ra_engine.scoring.scorer import SCORE_KINDS
+from ra_engine.scoring.kinds import SCORE_KINDS
 
 
 def _count(text: str) -> int:

@@ -22,7 +22,7 @@ from ra_engine.io.images import to_grey, validate_image
 from ra_engine.models.modeldir import RAModel
 from ra_engine.preprocess.pipeline import preprocess
 from ra_engine.preprocess.space import SliceSet
-from ra_engine.scoring.scorer import AnomalyScorer, build_scorer, image_score
+from ra_engine.scoring.scorer import AnomalyScorer, build_scorer, image_score, score_map
 
 
 # DICOM Modality values of the images each preset is made for; a DICOM naming another one is refused unless forced.
@@ -103,11 +103,12 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
     anomaly_in = to_input(anomaly, "linear")
     np.multiply(anomaly_in, mask_in, out=anomaly_in)  # linear interpolation spills over the mask's edge
     ph_in = space.to_input_intensity_(to_input(x_ph, "linear"))  # in place: no full-size temporaries
+    scored = score_map(model.card.image_score, anomaly, slices.images, x_ph)
     slice_scores = [{"position": int(slices.positions[i]), **_reference_z(space, slices.positions[i]),
-                     "score": image_score(anomaly[i], slices.masks[i])} for i in used]
+                     "score": image_score(scored[i], slices.masks[i])} for i in used]
     return Detection(Image(ph_in, geometry, source), Image(anomaly_in, geometry, source),
                      Image(mask_in, geometry, source), slice_scores,
-                     image_score(anomaly[used], slices.masks[used]), slices, anomaly, model.card.calibration,
+                     image_score(scored[used], slices.masks[used]), slices, anomaly, model.card.calibration,
                      model.card.notice)
 
 

@@ -25,7 +25,7 @@ from ra_engine.evaluation.metrics import (
 )
 from ra_engine.io.images import read_image
 from ra_engine.io.sources import list_sources
-from ra_engine.scoring.scorer import SCORE_KINDS
+from ra_engine.scoring.kinds import SCORE_KINDS
 from ra_engine.thresholds.table import Calibration, validate_flag_rate
 
 THRESHOLD_SOURCES = {

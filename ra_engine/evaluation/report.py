@@ -16,6 +16,7 @@ from ra_engine.evaluation.metrics import DEFAULT_FLAG_RATES
 from ra_engine.evaluation.plots import plot_curves, plot_examples, plot_per_type
 from ra_engine.models.modeldir import RAModel, load_model
 from ra_engine.runtime.devices import resolve_device
+from ra_engine.scoring.kinds import IMAGE_SCORES
 
 OUTPUTS = ("metrics.json", "metrics.md", "pixel_curves.png", "image_curves.png", "per_type.png", "examples.png")
 
@@ -56,7 +57,8 @@ def _header(model: RAModel, command: list[str] | None) -> dict:
     card = model.card
     return {
         "model": {"name": card.name, "path": str(Path(model.path).absolute()), "weights_sha256": card.weights_sha256,
-                  "method": card.method, "preset": card.preset.name, "lpips_backbone": card.lpips_backbone},
+                  "method": card.method, "preset": card.preset.name, "lpips_backbone": card.lpips_backbone,
+                  "image_score": card.image_score, "image_score_definition": IMAGE_SCORES[card.image_score]},
         "command": list(command or []),
         "device": str(model.device),
         "software": {"ra_engine": VERSION},
@@ -140,7 +142,8 @@ def markdown(metrics: dict) -> str:
                                         [[counts["scans"], counts["normal"], counts["abnormal"],
                                           counts["with_known_lesion_pixels"], counts["abnormal_without_lesion_mask"],
                                           counts["lesions"], counts["lesion_pixels"], counts["healthy_pixels"]]])
-    lines += ["## Image level", "", "Score: the mean of the anomaly map in the brain/body mask.", ""]
+    lines += ["## Image level", "", f"Score: {metrics['model'].get('image_score_definition', IMAGE_SCORES['mean_a'])}, "
+              "in the brain/body mask.", ""]
     lines += _table(["AUROC", "AP", "FPR at 95% TPR", "FPR at 99% TPR", "abnormal", "normal"],
                     [[image["auroc"], image["ap"], image["fpr_at_95_tpr"], image["fpr_at_99_tpr"],
                       image["n_abnormal"], image["n_normal"]]]) + _undefined(image)

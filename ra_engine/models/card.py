@@ -17,6 +17,7 @@ from ra_engine.core.files import atomic_write
 from ra_engine.core.resources import LPIPS_BACKBONE
 from ra_engine.network.config import ArchConfig
 from ra_engine.preprocess.presets import PresetConfig
+from ra_engine.scoring.kinds import IMAGE_SCORES
 from ra_engine.thresholds.table import Calibration
 
 CARD_FORMAT = 2
@@ -64,6 +65,7 @@ class ModelCard:
     method_description: str = ""
     parameters: int = 0
     lpips_backbone: str = LPIPS_BACKBONE
+    image_score: str = "mean_a"
     training: TrainingRecord | None = None
     calibration: Calibration | None = None
     weights_sha256: str = ""
@@ -83,6 +85,7 @@ class ModelCard:
             "method_description": self.method_description,
             "preset": self.preset.to_dict(),
             "lpips": {"backbone": self.lpips_backbone},
+            "image_score": self.image_score,
             "training": None if self.training is None else dict(vars(self.training)),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "weights_sha256": self.weights_sha256,
@@ -116,6 +119,7 @@ class ModelCard:
                 method_description=data.get("method_description", ""),
                 parameters=parameters,
                 lpips_backbone=(data.get("lpips") or {}).get("backbone", LPIPS_BACKBONE),
+                image_score=_image_score(data.get("image_score", "mean_a"), origin),
                 training=None if training is None else TrainingRecord(**training),
                 calibration=None if not calibration else Calibration.from_dict(calibration),
                 weights_sha256=data.get("weights_sha256", ""),
@@ -128,6 +132,13 @@ class ModelCard:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{origin} is incomplete or malformed ({type(exc).__name__}: {exc}): get the model "
                              "again or re-export it") from exc
+
+
+def _image_score(kind: str, origin: str) -> str:
+    if kind not in IMAGE_SCORES:
+        raise ModelError(f"{origin} names the image score {kind!r}, which this version of ra does not know "
+                         f"({', '.join(IMAGE_SCORES)}): update ra")
+    return kind
 
 
 def write_card(directory: Path, card: ModelCard) -> None:

@@ -21,13 +21,8 @@ import torch.nn.functional as F
 from ra_engine.core.errors import DataError
 from ra_engine.core.resources import LPIPS_BACKBONE
 from ra_engine.scoring.clahe import clahe_torch
+from ra_engine.scoring.kinds import IMAGE_SCORES, SCORE_KINDS
 from ra_engine.scoring.lpips_weights import load_lpips
-
-SCORE_KINDS = {
-    "full": "A = |CLAHE(x_ph) - CLAHE(x)| * S1 * S2 (docs/METHOD.md)",
-    "l1": "|x - x_ph| (the plain reconstruction error, no CLAHE, LPIPS or blur; ablation)",
-}
-
 
 @dataclass(frozen=True)
 class ScoreMaps:
@@ -135,6 +130,18 @@ def image_score(anomaly: np.ndarray, mask: np.ndarray | None = None) -> float:
     if not mask.any():
         raise DataError("the mask is empty: there is no body/brain to score")
     return float(anomaly[mask].mean(dtype=np.float64))
+
+
+def score_map(kind: str, anomaly: np.ndarray, images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """The map whose mean inside the mask is the image score `kind` (one of `IMAGE_SCORES`): A itself, or the
+    model-space reconstruction error |x - x_ph| or (x - x_ph)^2; arrays of one shape, e.g. (N, H, W)."""
+    if kind == "mean_a":
+        return anomaly
+    if kind == "l1":
+        return np.abs(images - reconstructions)
+    if kind == "mse":
+        return np.square(images - reconstructions)
+    raise DataError(f"unknown image score {kind!r}: choose one of {', '.join(IMAGE_SCORES)}")
 
 
 def build_scorer(backbone: str = LPIPS_BACKBONE, kind: str = "full", device: str | torch.device = "cpu"
