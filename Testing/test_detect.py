@@ -31,6 +31,7 @@ from ra_engine.detection.regions import find_regions
 
 RESOURCES = Path(__file__).resolve().parents[1] / "ra_engine" / "resources"
 MNI = RESOURCES / "samples" / "mni152_2009a_t1.nii.gz"
+BUNDLED_DEMO = RESOURCES / "models" / "brain-t1-demo"
 SIZE = 32
 
 
@@ -335,3 +336,18 @@ def test_model_and_input_must_match(brain, xray, mni, scorer):
 def test_unusable_images_are_refused(xray, scorer, array, match):
     with pytest.raises(DataError, match=match):
         detect_array(xray, array, scorer=scorer)
+
+
+def test_bf16_autocast_detection_stays_close_to_float32(scorer):
+    """The network under bfloat16 autocast (load_model(amp=True), ra detect --amp) gives maps within the stated
+    tolerance of the float32 default and detections that agree (docs/BENCHMARKS.md)."""
+    from ra_engine.demo import TEST_SCAN, insert_lesion
+
+    scan, _ = insert_lesion(read_image(TEST_SCAN))
+    plain = detect(load_model(BUNDLED_DEMO), scan, scorer)
+    fast = detect(load_model(BUNDLED_DEMO, amp=True), scan, scorer)
+    inside = plain.mask.array > 0
+    assert np.abs(fast.anomaly.array - plain.anomaly.array)[inside].max() < 0.05
+    a, b = plain.detections_at().array > 0, fast.detections_at().array > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+    assert fast.pseudo_healthy.array.dtype == np.float32

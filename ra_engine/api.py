@@ -59,17 +59,18 @@ __all__ = [
 ]
 
 
-def load_model(model, device: str = "auto"):
+def load_model(model, device: str = "auto", amp: bool = False):
     """The model `model` names (a registered or bundled name, a model directory, or a run folder of `ra train`) on
     `device` ("auto": CUDA, then Apple MPS, then the CPU): a `models.modeldir.RAModel`, its weights checked against
-    the sha256 in its card. A loaded model is passed through as it is."""
+    the sha256 in its card; `amp`: its detections run the network under bfloat16 autocast. A loaded model is passed
+    through as it is."""
     from ra_engine.models.modeldir import RAModel
     from ra_engine.models.modeldir import load_model as load
     from ra_engine.runtime.devices import resolve_device
 
     if isinstance(model, RAModel):
         return model
-    return load(model, device=resolve_device(device))
+    return load(model, device=resolve_device(device), amp=amp)
 
 
 def import_model(source: str | Path, name: str | None = None, sha256: str | None = None, overwrite: bool = False,
@@ -117,14 +118,14 @@ def detect(model, image, *, mask=None, spacing=None, origin=None, direction=None
 
 
 def detect_files(model, inputs: Sequence[str | Path], out: str | Path, *, flag_rate: float | None = None,
-                 threshold: float | None = None, masks: str = "none", device: str = "auto", batch_size: int = 8,
-                 overwrite: bool = False, force: bool = False, progress: Progress | None = None,
+                 threshold: float | None = None, masks: str = "none", device: str = "auto", amp: bool = False,
+                 batch_size: int = 8, overwrite: bool = False, force: bool = False, progress: Progress | None = None,
                  say: Callable[[str], None] | None = None, complain: Callable[[str], None] | None = None):
     """`ra detect`: detects on image files, folders, globs or CSVs and writes each input's outputs into `out`
     (`detection.files.detect_files`). Returns a `detection.files.FilesResult`."""
     from ra_engine.detection.files import detect_files as run
 
-    return run(model, inputs, out, flag_rate=flag_rate, threshold=threshold, masks=masks, device=device,
+    return run(model, inputs, out, flag_rate=flag_rate, threshold=threshold, masks=masks, device=device, amp=amp,
                batch_size=batch_size, overwrite=overwrite, force=force, progress=progress, say=say,
                complain=complain)
 

@@ -54,6 +54,10 @@ def add_detect_parser(sub) -> None:
                         "mask must cover a brain: a lesion mask is refused). Each input's report says which mask it "
                         "used (default: none)")
     add_device_option(p)
+    p.add_argument("--amp", action="store_true",
+                   help="run the network under bfloat16 autocast: 2.3x faster network on CPUs with AVX512-BF16, "
+                        "anomaly maps within 0.03 (about 15%% of their 99th percentile) and detections overlapping by "
+                        "Dice 0.96 with the float32 default on the bundled model (docs/BENCHMARKS.md)")
     p.add_argument("--batch-size", type=positive(int), default=8,
                    help="slices per network pass (default: 8; measured fastest on CPUs, see docs/BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
@@ -73,7 +77,7 @@ def cmd_detect(args) -> int:
     say = (lambda line: None) if args.quiet else complain
     with stop_on_signals(progress):
         result = api.detect_files(args.model, args.inputs, args.out, flag_rate=args.flag_rate,
-                                  threshold=args.threshold, masks=args.mask, device=args.device,
+                                  threshold=args.threshold, masks=args.mask, device=args.device, amp=args.amp,
                                   batch_size=args.batch_size, overwrite=args.overwrite, force=args.force,
                                   progress=progress, say=say, complain=complain)
     progress.close()

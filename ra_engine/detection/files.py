@@ -66,13 +66,15 @@ def input_sources(inputs: Sequence[str | Path], masks: str = "none") -> tuple[li
 
 
 def detect_files(model: str | Path, inputs: Sequence[str | Path], out: str | Path, *, flag_rate: float | None = None,
-                 threshold: float | None = None, masks: str = "none", device: str = "auto", batch_size: int = 8,
+                 threshold: float | None = None, masks: str = "none", device: str = "auto", amp: bool = False,
+                 batch_size: int = 8,
                  overwrite: bool = False, force: bool = False, progress: Progress | None = None,
                  say: Callable[[str], None] | None = None,
                  complain: Callable[[str], None] | None = None) -> FilesResult:
     """Detects anomalies in each input with `model` (a model directory, run folder or registered name) and writes
     its outputs into `out`. The threshold: `threshold` on the anomaly map, else the model's calibrated threshold at
-    `flag_rate` (the card's default when None). `masks`: one of MASK_MODES. Everything is checked before anything
+    `flag_rate` (the card's default when None). `masks`: one of MASK_MODES. `amp`: the network under bfloat16
+    autocast. Everything is checked before anything
     is written (options, calibration, input names, existing outputs unless `overwrite`); then inputs that fail are
     skipped and listed. progress: events for the whole run (it is cancelled through it). say(line): a summary line
     per input (scores, flagged pixels, regions, mask used); complain(line): the error of each input that failed."""
@@ -83,7 +85,7 @@ def detect_files(model: str | Path, inputs: Sequence[str | Path], out: str | Pat
     try:
         try:
             jobs, loaded, scorer, chosen, unused = _prepare(model, inputs, Path(out), flag_rate, threshold, masks,
-                                                            device, overwrite)
+                                                            device, amp, overwrite)
             refusal = None
         except RAError as exc:
             refusal = exc
@@ -99,7 +101,7 @@ def detect_files(model: str | Path, inputs: Sequence[str | Path], out: str | Pat
         group.leave()
 
 
-def _prepare(model, inputs, out: Path, flag_rate, threshold, masks: str, device: str, overwrite: bool):
+def _prepare(model, inputs, out: Path, flag_rate, threshold, masks: str, device: str, amp: bool, overwrite: bool):
     """The checks made before anything is written, then the model on this process's device. Returns the jobs, the
     model, its scorer, (threshold, flag rate) and the number of unused mask files."""
     model_dir = resolve_model(model)
@@ -112,7 +114,7 @@ def _prepare(model, inputs, out: Path, flag_rate, threshold, masks: str, device:
         raise RAError(f"{len(existing)} output file(s) exist already ({', '.join(str(p) for p in existing[:3])}"
                       f"{', ...' if len(existing) > 3 else ''}): pass --overwrite to replace them, or choose another "
                       "--out")
-    loaded = load_model(model_dir, device=resolve_device(device))
+    loaded = load_model(model_dir, device=resolve_device(device), amp=amp)
     return jobs, loaded, scorer_for(loaded), chosen, unused
 
 

@@ -90,7 +90,8 @@ def detect_slices(model: RAModel, slices: SliceSet, scorer: AnomalyScorer, geome
         for start in range(0, used.size, batch_size):
             rows = used[start:start + batch_size]
             x = torch.from_numpy(slices.images[rows]).unsqueeze(1).to(model.device)
-            rec = model.inference_network.reconstruct(x.contiguous(memory_format=torch.channels_last))
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.amp):
+                rec = model.inference_network.reconstruct(x.contiguous(memory_format=torch.channels_last)).float()
             maps = scorer.score(x, rec)
             x_ph[rows] = rec[:, 0].float().cpu().numpy()
             anomaly[rows] = maps.anomaly * slices.masks[rows]

@@ -50,12 +50,15 @@ def _is_buffer(key: str) -> bool:
 
 @dataclass
 class RAModel:
-    """A loaded model: the network in eval mode on `device`, and its card."""
+    """A loaded model: the network in eval mode on `device`, and its card. `amp`: detection runs the network under
+    bfloat16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; the maps differ slightly, see
+    docs/BENCHMARKS.md); the scorer always works in float32."""
 
     network: ReversedAutoEncoder
     card: ModelCard
     path: Path
     device: torch.device
+    amp: bool = False
 
     @property
     def arch(self) -> ArchConfig:
@@ -68,7 +71,7 @@ class RAModel:
         return inference_copy(self.network)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> RAModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", amp: bool = False) -> RAModel:
     """Loads a model directory (or a registered model's name, or a run folder of `ra train`: its `model/`),
     verifying the weights' sha256 against the card before reading them."""
     directory = resolve_model(path)
@@ -89,4 +92,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> RAModel:
     network.to(device).eval()
     for p in network.parameters():
         p.requires_grad_(False)
-    return RAModel(network, card, directory, device)
+    return RAModel(network, card, directory, device, amp)
