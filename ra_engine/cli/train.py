@@ -64,6 +64,10 @@ def add_train_parser(sub) -> None:
                         "error (the paper's early stopping); last = the last iteration's. Resuming a finished run "
                         "with another choice writes its model again")
     p.add_argument("--image-size", type=positive(int), default=ARCH.image_size)
+    p.add_argument("--headroom", type=positive(float), default=1.0,
+                   help="the value the brain's (body's) high intensity percentile maps to before the clip at 1: 1 is "
+                        "the paper's; 0.75 keeps lesions brighter than normal tissue from being flattened "
+                        "(docs/BENCHMARKS.md)")
     p.add_argument("--latent-dim", type=positive(int), default=ARCH.latent_dim)
     p.add_argument("--widths", type=_widths, default=ARCH.widths,
                    help="encoder widths, one stage each (the bottleneck is image size / 2^stages)")
@@ -103,7 +107,7 @@ def cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise RAError("--resume and --overwrite exclude each other: choose one")
     arch = api.ArchConfig(image_size=args.image_size, latent_dim=args.latent_dim, widths=args.widths)
-    preset = api.preset_config(args.preset, image_size=args.image_size)
+    preset = api.preset_config(args.preset, image_size=args.image_size, headroom=args.headroom)
     config = api.TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, patience=args.patience, batchnorm=args.batchnorm,
                              sync_batchnorm=args.sync_batchnorm, amp=args.amp, max_steps=args.max_steps,

@@ -120,6 +120,7 @@ def preprocess_brain(image: Image, config: PresetConfig, mask: Image | None, tra
     if not high > low:
         raise DataError("no brain in the model space: the brain has no contrast (its intensity percentiles "
                         f"{low_p} and {high_p} are equal)")
+    high = low + (high - low) / config.headroom  # the high percentile maps to `headroom`
     space.intensity_range = (low, high)
     space.alignment["seconds_total"] = round(time.perf_counter() - start, 3)
     images = np.where(inside, np.clip((scan - low) / (high - low), 0.0, 1.0), 0.0).astype(np.float32)

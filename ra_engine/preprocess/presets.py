@@ -30,6 +30,9 @@ class PresetConfig:
     min_foreground: fraction of a slice's pixels that must be brain/body for the slice to be used in training.
     percentiles: (low, high) intensity percentiles of the brain/body mapped to 0 and 1; low None divides by the
         high percentile (radiographs, as in the reference implementation).
+    headroom: the value the high percentile maps to (before the clip at 1): 1 is the paper's scaling; below 1 leaves
+        room above normal tissue, so that a lesion brighter than the brightest normal tissue (contrast enhancement,
+        some tumours) keeps its contrast instead of being flattened to 1.
     flip: whether training may flip slices left-right (the augmentation itself lives in `augment`).
     align: brain-mri, register the scan to the reference head; False takes the scan as already in reference
         (MNI) space.
@@ -46,6 +49,7 @@ class PresetConfig:
     slice_spacing_mm: float | None = None
     min_foreground: float = 0.05
     percentiles: tuple[float | None, float] = (0.5, 99.5)
+    headroom: float = 1.0
     flip: bool = True
     align: bool = True
     reference: str = "colin27"
@@ -64,6 +68,8 @@ class PresetConfig:
         low, high = self.percentiles
         if not (0.0 < high <= 100.0 and (low is None or 0.0 <= low < high)):
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if not 0.0 < self.headroom <= 1.0:
+            raise ValueError(f"headroom is in (0, 1], got {self.headroom}")
         if not 0.0 <= self.min_foreground <= 1.0:
             raise ValueError(f"min_foreground is a fraction in [0, 1], got {self.min_foreground}")
         if self.name == "brain-mri":
@@ -78,7 +84,12 @@ class PresetConfig:
         return None if self.fov_mm is None else self.fov_mm / self.image_size
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "percentiles": list(self.percentiles)}
+        """The parameters as JSON; `headroom` only when it is not the paper's 1 (so that the caches, checkpoints and
+        cards of runs made before it existed stay valid)."""
+        d = {**asdict(self), "percentiles": list(self.percentiles)}
+        if d["headroom"] == 1.0:
+            del d["headroom"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "PresetConfig":

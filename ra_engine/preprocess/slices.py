@@ -77,6 +77,7 @@ def preprocess_brain_slice(image: Image, config: PresetConfig, mask: Image | Non
     low = 0.0 if low_p is None else float(np.percentile(values[inside], low_p))
     if not high > low:
         raise DataError("no brain in the model space: the slice's brain has no contrast")
+    high = low + (high - low) / config.headroom  # the high percentile maps to `headroom`
     space.intensity_range = (low, high)
     scaled = np.where(inside, np.clip((values - low) / (high - low), 0.0, 1.0), 0.0).astype(np.float32)
     return SliceSet(scaled, inside, np.zeros(1, dtype=int), space)
