@@ -2,13 +2,12 @@
 foreground = the anomaly map (heat colours, partly transparent), label = the detections label map."""
 from __future__ import annotations
 
-from .geometry import modifying
+from .mrml import modifying, nodes_of_class
 from .parameters import validate_opacity
 
 
 def _composite_nodes(scene) -> list:
-    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    return [nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems())]
+    return nodes_of_class(scene, "vtkMRMLSliceCompositeNode")
 
 
 def show_results(scene, input_node, anomaly_node, detections_node, opacity: float) -> int:

@@ -11,13 +11,13 @@ and a node never holds a view of engine memory (which may be freed or reused).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import vtk
 from vtk.util import numpy_support
 
 from ra_engine import DataError, Geometry, Image
+
+from .mrml import modifying
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Voxel types of the outputs: the engine's results are float32, detections uint8.
@@ -156,13 +156,3 @@ def ras_of_index(matrix: np.ndarray, ijk) -> np.ndarray:
 def _name(node) -> str:
     return repr(node.GetName()) if node is not None and node.GetName() else "(unnamed)"
 
-
-@contextmanager
-def modifying(node):
-    """Batches an MRML node's Modified events: one event after several changes (StartModify/EndModify), also
-    when a change raises."""
-    was = node.StartModify()
-    try:
-        yield
-    finally:
-        node.EndModify(was)

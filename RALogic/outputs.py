@@ -17,6 +17,7 @@ from ra_engine import Image
 from ra_engine.models.card import NOTICE
 
 from .geometry import set_volume_from_image
+from .mrml import nodes_of_class
 
 NOTICE_ATTRIBUTE = "RA.notice"
 KIND_ATTRIBUTE = "RA.output"
@@ -127,10 +128,8 @@ def detections_color_table(scene):
 
 
 def _own_color_table(scene, name: str):
-    nodes = scene.GetNodesByClassByName("vtkMRMLColorTableNode", name)
-    for index in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(index)
-        if node.GetAttribute(KIND_ATTRIBUTE) == "colorTable":
+    for node in nodes_of_class(scene, "vtkMRMLColorTableNode"):
+        if node.GetName() == name and node.GetAttribute(KIND_ATTRIBUTE) == "colorTable":
             return node
     return None
 

@@ -1,5 +1,6 @@
-"""The module's parameters, kept on a `vtkMRMLScriptedModuleNode` (singleton tag "RAModule") so that a saved scene
-restores the panel: the input volume, model, flag rate, overlay opacity and device, and the last outputs and report.
+"""The module's parameters, kept on a `vtkMRMLScriptedModuleNode` (singleton tag and "ModuleName" attribute
+"RAModule") so that a saved scene restores the panel: the input volume, model, flag rate, overlay opacity and
+device, and the last outputs and report.
 
 Values are stored as MRML string parameters, nodes as node references (so they survive the renumbering of node IDs
 when a scene is imported). Setters validate and raise ValueError with a message a user can act on.
@@ -11,9 +12,10 @@ import math
 
 from ra_engine import FLAG_RATES
 
-from .geometry import modifying
+from .mrml import modifying
 
 MODULE_NAME = "RAModule"
+MODULE_NAME_ATTRIBUTE = "ModuleName"  # how Slicer's node selectors and ScriptedLoadableModuleLogic find it
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FLAG_RATE_RANGE = (FLAG_RATES[0], FLAG_RATES[-1])  # the calibrated range of every model card: 0.001 to 0.2
 DEFAULT_OPACITY = 0.5
@@ -23,17 +25,23 @@ OUTPUT_ROLES = ("pseudoHealthy", "anomalyMap", "detections", "segmentation")
 
 
 def parameter_node(scene, create: bool = True):
-    """The scene's RA parameter node (`vtkMRMLScriptedModuleNode`, singleton tag "RAModule"); created and added when
-    absent and `create`, else None."""
+    """The scene's RA parameter node (`vtkMRMLScriptedModuleNode`, singleton tag "RAModule", attribute
+    "ModuleName" = "RAModule", as Slicer's ScriptedLoadableModuleLogic tags them); created and added when absent and
+    `create`, else None. Closing the scene keeps a singleton node but resets it, attributes included: the attribute
+    is restored here, as Slicer does."""
     node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
-    if node is None and create:
-        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
-        node.UnRegister(None)  # CreateNodeByClass hands over a reference; the scene keeps its own
-        node.SetSingletonTag(MODULE_NAME)
-        node.SetModuleName(MODULE_NAME)
-        node.SetName(scene.GenerateUniqueName(MODULE_NAME))
-        node = scene.AddNode(node)
-    return node
+    if node is not None:
+        if create and node.GetAttribute(MODULE_NAME_ATTRIBUTE) != MODULE_NAME:
+            node.SetAttribute(MODULE_NAME_ATTRIBUTE, MODULE_NAME)
+        return node
+    if not create:
+        return None
+    node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+    node.UnRegister(None)  # CreateNodeByClass hands over a reference; the scene keeps its own
+    node.SetSingletonTag(MODULE_NAME)
+    node.SetAttribute(MODULE_NAME_ATTRIBUTE, MODULE_NAME)
+    node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+    return scene.AddNode(node)
 
 
 class RAParameters:

@@ -43,8 +43,10 @@ def test_a_format_1_card_loads_and_its_empty_metrics_section_is_dropped(format_1
     written = card.to_dict()
     assert written["format_version"] == CARD_FORMAT == 2 and "metrics" not in written
     assert written["image_score"] == "mean_a", "format 1 scored images by the mean of A"
-    assert {k: v for k, v in written.items() if k not in ("format_version", "image_score")} == {
-        k: v for k, v in raw.items() if k not in ("format_version", "metrics", "image_score")}
+    added = ("format_version", "image_score", "description", "provenance", "evaluation")
+    assert written["description"] == "" and written["provenance"] is None and written["evaluation"] is None
+    assert {k: v for k, v in written.items() if k not in added} == {
+        k: v for k, v in raw.items() if k not in (*added, "metrics")}
 
 
 def test_a_card_survives_its_json_form(tmp_path):

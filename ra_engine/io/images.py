@@ -7,7 +7,12 @@ says what was wrong and what to do.
 """
 from __future__ import annotations
 
+import gzip
+import math
+import os
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +94,10 @@ def read_image(path: str | Path, *, validate: bool = True) -> Image:
         if fmt is None:
             raise DataError(f"unsupported file type {split_extension(path)[1] or '(no extension)'!r} for {path}: "
                             f"convert it to {SUPPORTED}")
+        if fmt == "nifti":
+            _check_nifti_complete(path)
+        elif fmt in ("jpeg", "bmp"):
+            _check_picture_complete(path, fmt)
         image = _read_dicom_file(path) if fmt == "dicom" else _from_sitk(_sitk_read(path, fmt), path, {"format": fmt})
     if validate:
         validate_image(image)
@@ -107,8 +116,15 @@ def validate_image(image: Image) -> None:
         raise DataError(f"{name} is empty (shape {array.shape}): the file holds no voxels; re-export it")
     if image.geometry.dimension != array.ndim:
         raise DataError(f"{name}: its geometry is {image.geometry.dimension}D but its array is {array.ndim}D")
-    if not all(s > 0 for s in image.geometry.spacing):
-        raise DataError(f"{name} has a non-positive voxel spacing {image.geometry.spacing}: fix the file's header")
+    geometry = image.geometry
+    if not all(math.isfinite(s) and s > 0 for s in geometry.spacing):
+        raise DataError(f"{name} has a non-positive or non-finite voxel spacing {geometry.spacing}: fix the file's "
+                        f"header")
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(array.ndim, array.ndim)
+    if not (np.isfinite(geometry.origin).all() and np.isfinite(direction).all()
+            and abs(np.linalg.det(direction)) > 1e-6):
+        raise DataError(f"{name} has an unusable geometry (origin {geometry.origin}, direction {geometry.direction}): "
+                        f"the origin must be finite and the axes' directions independent; fix the file's header")
     finite = np.isfinite(array)
     if not finite.all():
         bad = array.size - int(np.count_nonzero(finite))
@@ -180,6 +196,76 @@ def _sitk_read(path: Path, fmt: str) -> sitk.Image:
     except RuntimeError as error:
         raise DataError(f"cannot read {path} as {fmt}: the file is damaged or not what its extension says "
                         f"({error_text(error)}); re-export it") from error
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Where the voxel data of a single-file NIfTI-1 or NIfTI-2 image end (bytes from the start of its uncompressed
+    content), from its header; None for a header whose size cannot be told this way (ITK then judges the file)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348 and header[344:348] == b"n+1\0":
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540 and header[4:8] == b"n+2\0":
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        rank = dims[0]
+        if not (1 <= rank <= 7 and bitpix > 0 and all(d >= 1 for d in dims[1:rank + 1]) and offset >= 348):
+            return None
+        return int(offset) + (math.prod(dims[1:rank + 1]) * bitpix + 7) // 8
+    return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """DataError when a NIfTI file holds fewer bytes than its header says its voxels take: ITK reads a truncated
+    file without complaint and fills the missing voxels with zeros. A .nii.gz is measured by its gzip trailer, and
+    decompressed to count only when the trailer does not match (several gzip members, trailing data)."""
+    compressed = path.name.lower().endswith(".gz")
+    damaged = (f"{path} is truncated or damaged: it holds fewer bytes than its header says its voxels need (an "
+               f"interrupted copy or download?); copy or export it again")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            end = _nifti_data_end(f.read(540))
+        if end is None:
+            return
+        if not compressed:
+            if os.path.getsize(path) < end:
+                raise DataError(damaged)
+            return
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", f.read(4))[0] == end % 2**32:
+                return
+        size = 0
+        with gzip.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                size += len(block)
+                if size >= end:
+                    return
+        raise DataError(damaged)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{damaged} ({error_text(error)})") from error
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error_text(error)}") from error
+
+
+def _check_picture_complete(path: Path, fmt: str) -> None:
+    """DataError for a JPEG or BMP file cut short, which ITK reads without an error (the missing rows grey or
+    black); Pillow tells. Files Pillow cannot judge are left to ITK."""
+    from PIL import Image as Picture  # Pillow: a dependency, imported only here (Slicer loads ra_engine early)
+
+    try:
+        with Picture.open(path) as picture:
+            picture.load()
+    except OSError as error:
+        if "truncated" in str(error):
+            raise DataError(f"{path} is truncated: the {fmt.upper()} file ends before its last pixels (an "
+                            f"interrupted copy or download?); copy or export it again") from error
+    except Exception:  # a variant Pillow does not decode: ITK's reading decides
+        pass
 
 
 def _from_sitk(image: sitk.Image, path: Path, metadata: dict) -> Image:

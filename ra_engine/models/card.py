@@ -39,7 +39,7 @@ def card_notice(method: str) -> str:
 class TrainingRecord:
     """How `ra train` made the model: its options (`training.config.TrainConfig.to_dict()`), the data (counts, the
     data root's name, file names relative to it with their sha256), the command, how far it ran and why it stopped,
-    which checkpoint the weights come from, and the validation history."""
+    which checkpoint the weights come from, the validation history, and the wall time of the iterations."""
 
     config: dict
     data: dict
@@ -52,6 +52,7 @@ class TrainingRecord:
     best_val_loss: float | None = None
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)
+    seconds: float | None = None
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ModelCard:
     image_score: str = "mean_a"
     training: TrainingRecord | None = None
     calibration: Calibration | None = None
+    description: str = ""
+    provenance: dict | None = None
+    evaluation: dict | None = None
     weights_sha256: str = ""
     software: dict = field(default_factory=dict)
     created: str = ""
@@ -88,6 +92,9 @@ class ModelCard:
             "image_score": self.image_score,
             "training": None if self.training is None else dict(vars(self.training)),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "description": self.description,
+            "provenance": self.provenance,
+            "evaluation": self.evaluation,
             "weights_sha256": self.weights_sha256,
             "software": dict(self.software),
             "created": self.created,
@@ -122,6 +129,9 @@ class ModelCard:
                 image_score=_image_score(data.get("image_score", "mean_a"), origin),
                 training=None if training is None else TrainingRecord(**training),
                 calibration=None if not calibration else Calibration.from_dict(calibration),
+                description=data.get("description", ""),
+                provenance=data.get("provenance"),
+                evaluation=data.get("evaluation"),
                 weights_sha256=data.get("weights_sha256", ""),
                 software=dict(data.get("software") or {}),
                 created=data.get("created", ""),

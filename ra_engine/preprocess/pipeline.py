@@ -4,6 +4,7 @@ Axis and coordinate conventions are those of `ra_engine.core.image`: arrays (z, 
 ITK's LPS convention, listed (x, y, z), in mm."""
 from __future__ import annotations
 
+from ra_engine.core.errors import DataError, error_text
 from ra_engine.core.image import Image
 from ra_engine.preprocess.brain import preprocess_brain
 from ra_engine.preprocess.presets import PresetConfig
@@ -26,8 +27,13 @@ def preprocess(image: Image, config: PresetConfig, mask: Image | None = None, *,
         instead of the reference head); None detects it (`is_skull_stripped`).
     Raises DataError when the scan cannot be used (wrong dimension, no contrast, alignment failed).
     """
-    if config.name == "brain-mri" and (image.array.ndim == 2 or image.array.shape[0] == 1):
-        return preprocess_brain_slice(image, config, mask)
-    if config.name == "brain-mri":
-        return preprocess_brain(image, config, mask, training, skull_stripped)
-    return preprocess_xray(image, config, mask)
+    try:
+        if config.name == "brain-mri" and (image.array.ndim == 2 or image.array.shape[0] == 1):
+            return preprocess_brain_slice(image, config, mask)
+        if config.name == "brain-mri":
+            return preprocess_brain(image, config, mask, training, skull_stripped)
+        return preprocess_xray(image, config, mask)
+    except RuntimeError as error:  # ITK's refusals of what it cannot process: too few voxels, no overlap, no mass
+        raise DataError(f"{image.source or 'the image'} {image.array.shape} cannot be brought into the {config.name} "
+                        f"model space ({error_text(error)}): alignment failed; check that it is what the preset "
+                        f"takes (a head MRI covering the brain, or a radiograph)") from error

@@ -234,7 +234,8 @@ def export_model(result: TrainResult, model_dir: Path, preset: PresetConfig, con
         config=config.to_dict(), data=data, command=list(command), steps=result.state.step,
         epochs=result.state.epoch, weights_from=source.name, weights_step=state["step"],
         stopped_by=result.stopped_by, best_val_loss=state["best_val"] if validated else None,
-        best_epoch=state["best_epoch"] if validated else None, history=result.state.history)
+        best_epoch=state["best_epoch"] if validated else None, history=result.state.history,
+        seconds=round(result.state.seconds, 1))
     card = ModelCard(name=model_dir.parent.name, architecture=ArchConfig.from_dict(ckpt["arch"]), preset=preset,
                      method=config.method, method_description=METHODS[config.method], training=training)
     save_model_dir(model_dir, ckpt["model"], card)

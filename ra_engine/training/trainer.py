@@ -51,7 +51,8 @@ log = logging.getLogger("ra_engine.train")
 
 @dataclass
 class TrainState:
-    """Where a run stands; saved in every checkpoint."""
+    """Where a run stands; saved in every checkpoint. `seconds`: the wall time its iterations took so far, over all
+    resumes (not part of what a run computes: states compare equal without it)."""
 
     step: int = 0
     epoch: int = 0
@@ -59,6 +60,7 @@ class TrainState:
     best_val: float = math.inf
     best_epoch: int = -1
     history: list = field(default_factory=list)
+    seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -358,6 +360,7 @@ class Trainer:
 
     def _step(self, perm: torch.Tensor, encoder_fwd: nn.Module, decoder_fwd: nn.Module) -> dict[str, float]:
         cfg, state = self.config, self.state
+        began = time.perf_counter()
         generator = step_generator(cfg.seed, state.step)
         x = self._batch(perm, state.step_in_epoch, generator)
         noise = sharded_noise(generator, self.shard)
@@ -374,6 +377,7 @@ class Trainer:
                           f"{self.latest_path}: resume from it with a lower --lr")
         state.step += 1
         state.step_in_epoch += 1
+        state.seconds += time.perf_counter() - began
         return losses
 
     def _end_of_epoch(self) -> bool:
