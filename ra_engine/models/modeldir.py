@@ -27,13 +27,17 @@ from ra_engine.network.config import ArchConfig
 from ra_engine.network.model import ReversedAutoEncoder, inference_copy
 
 
-def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> ModelCard:
+def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], card: ModelCard,
+                   float16: bool = False) -> ModelCard:
     """Writes weights and card into `directory` (created); returns the card as written. The caller's card gives the
     name, method, preset, architecture, training record and calibration; the parameter count, checksum, software
-    versions, notice and date are filled in here."""
+    versions, notice and date are filled in here. `float16`: store floating-point weights in half precision (half
+    the size; `load_model` computes in float32 all the same)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if float16:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
     full = replace(card, parameters=sum(v.numel() for k, v in weights.items() if not _is_buffer(k)),
                    weights_sha256=sha256_of(directory / WEIGHTS_FILE),
