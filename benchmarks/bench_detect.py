@@ -221,7 +221,6 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
     from ra_engine.io.sources import Source
     from ra_engine.io.images import read_image, validate_image
     from ra_engine.models.modeldir import load_model
-    from ra_engine.preprocess.presets import PresetConfig
     from ra_engine.preprocess.pipeline import preprocess
     rss_imports = rss_bytes()
 
@@ -237,7 +236,7 @@ def stages_worker(input_path: str, model_dir: str, out_dir: str, threads: int, d
     def align():
         validate_image(image)
         check_input(model, image)
-        return preprocess(image, PresetConfig.from_dict(model.card.preset))
+        return preprocess(image, model.card.preset)
 
     slices = clock.time("alignment_preprocess", align)
 
@@ -350,13 +349,12 @@ def reference_worker(input_path: str, model_dir: str, threads: int, device: str,
     from ra_engine.io.images import read_image
     from ra_engine.network.model import reparameterize, set_batchnorm_mode
     from ra_engine.models.modeldir import load_model
-    from ra_engine.preprocess.presets import PresetConfig
     from ra_engine.preprocess.pipeline import preprocess
 
     model = load_model(model_dir, device=device)
     lpips_net = scorer_for(model).lpips  # same backbone and weights as ours
     image = read_image(input_path)
-    slices = preprocess(image, PresetConfig.from_dict(model.card.preset))
+    slices = preprocess(image, model.card.preset)
     used = np.flatnonzero(slices.masks.reshape(len(slices), -1).any(1))
     n_used = int(used.size)
     if 0 < max_slices < used.size:  # an evenly spaced sample of the same slices (every slice costs the same)
