@@ -1,13 +1,16 @@
 """Which of the engine's Python packages are present, how to install the missing ones inside Slicer, and which
 device to compute on (no Qt).
 
-Nothing here imports torch at module level: Slicer loads modules at start-up, before PyTorch may be installed.
-Presence is checked with `importlib.util.find_spec`, which finds a package without importing it. PyTorch itself is
-installed only through the PyTorch extension (its `PyTorchUtils` logic picks the build that fits the GPU driver),
-never with plain pip.
+Nothing here imports torch in Slicer's process: Slicer loads modules at start-up, before PyTorch may be installed,
+and the engine runs in child processes (`launcher`); only `deviceInfo`, which those call, imports it. Presence is
+checked with `importlib.util.find_spec`, which finds a package without importing it (after an installation, with
+the import caches cleared). PyTorch itself is installed only through the PyTorch extension (its `PyTorchUtils`
+logic picks the build that fits the GPU driver), never with plain pip.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import re
 import subprocess
@@ -16,13 +19,21 @@ from dataclasses import dataclass
 
 from ra_engine import RAError
 
-TORCH_REQUIREMENT = ">=2.1"  # pyproject.toml's torch requirement, passed on to PyTorchUtils
+TORCH_REQUIREMENT = ">=2.1"  # pyproject.toml's torch and torchvision requirements, passed on to PyTorchUtils
+TORCHVISION_REQUIREMENT = ">=0.16"
 TORCH_DISTRIBUTIONS = ("torch", "torchvision", "torchaudio")
+# torchvision 0.(m + 15) is the release made with torch 2.m (0.16 with 2.1, ..., 0.29 with 2.14).
+TORCHVISION_MINOR_OFFSET = 15
 GB = 1024**3
 
 
 class DependencyError(RAError):
-    """A package the engine needs is missing or cannot be installed this way; the message says what to do."""
+    """A package the engine needs is missing or cannot be installed this way; the message says what to do. `shown`:
+    the user has already seen this failure in Slicer's own error box (`pipShowsErrors`): do not show it again."""
+
+    def __init__(self, message: str, shown: bool = False):
+        super().__init__(message)
+        self.shown = shown
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,9 @@ def dependencyMessage(includeOptional: bool = False) -> str | None:
     others = [d.requirement for d in missing if not d.viaPyTorchExtension]
     if torchMissing:
         parts.append(torchMessage() if "torch" in torchMissing else
-                     f"{', '.join(torchMissing)} missing: reinstall PyTorch through the PyTorch extension "
-                     f"(PyTorchUtils installs torch and torchvision together).")
+                     f"{', '.join(torchMissing)} missing: let this module install it (through the PyTorch "
+                     f"extension, the release that matches the installed torch), or run in Slicer's Python console: "
+                     f"from RALogic.dependencies import installTorch; installTorch().")
     if others:
         parts.append(f"Missing Python packages: {', '.join(others)}. Let this module install them, or run in "
                      f"Slicer's Python console: slicer.util.pip_install({others!r}).")
@@ -125,24 +137,61 @@ def _pyTorchUtilsLogic():
     return PyTorchUtils.PyTorchUtilsLogic()
 
 
-def installTorch(askConfirmation: bool = True, versionRequirement: str = TORCH_REQUIREMENT, force: bool = False):
-    """Installs PyTorch (torch and torchvision) through the PyTorch extension's `PyTorchUtilsLogic.installTorch`,
-    which chooses the CUDA/CPU build for this computer. Returns the torch module, or None when the user declined;
-    when torch is already importable it is returned as it is, unless `force`. Raises DependencyError when the
-    PyTorch extension is absent. A restart of Slicer may be needed afterwards."""
-    if isInstalled("torch") and not force:
-        import torch
+def torchRequirements() -> tuple[str, str]:
+    """The (torch, torchvision) version requirements to install with: the engine's own when torch is not installed;
+    when it is, that torch exactly (no replacement of a working PyTorch) and the torchvision release made for it,
+    so that a torch without torchvision is completed rather than left a dead end."""
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT
+    release = installed.split("+")[0]  # a local label (+cu121) is not part of a requirement
+    match = re.match(r"2\.(\d+)\b", release)
+    if match is None:  # a torch whose torchvision release is not known here: let the installer choose
+        return f"=={release}", TORCHVISION_REQUIREMENT
+    return f"=={release}", f"==0.{int(match.group(1)) + TORCHVISION_MINOR_OFFSET}.*"
 
-        return torch
+
+def installTorch(askConfirmation: bool = True, force: bool = False) -> bool:
+    """Installs PyTorch, torch and torchvision, through the PyTorch extension's `PyTorchUtilsLogic.installTorch`,
+    which chooses the CUDA/CPU build for this computer (`torchRequirements`: a torchvision that matches an installed
+    torch). Does nothing when both are importable, unless `force`. Returns True when both are importable afterwards,
+    False when the user declined. Raises DependencyError when the PyTorch extension is absent or the installation
+    failed. A restart of Slicer may be needed afterwards."""
+    if isInstalled("torch") and isInstalled("torchvision") and not force:
+        return True
     logic = _pyTorchUtilsLogic()
-    return logic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=versionRequirement)
+    torch, torchvision = torchRequirements()
+    try:
+        installed = logic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=torch,
+                                       torchvisionVersionRequirement=torchvision)
+    except (subprocess.CalledProcessError, ImportError) as error:
+        raise DependencyError(f"PyTorch could not be installed (torch{torch}, torchvision{torchvision}): {error}. "
+                              "Check the network connection; if PyTorch files are in use, restart Slicer and try "
+                              "again.") from error
+    importlib.invalidate_caches()
+    if installed is None:
+        return False  # declined
+    return isInstalled("torch") and isInstalled("torchvision")
+
+
+def pipShowsErrors() -> bool:
+    """Whether `slicer.util.pip_install` shows its own progress dialog and, when pip fails, its own error box: in
+    the Slicer application of the versions that have `slicer.packaging` (not in testing mode, where it installs
+    without a dialog)."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    app = getattr(slicer, "app", None)
+    return app is not None and isInstalled("slicer.packaging") and not app.testingEnabled()
 
 
 def installPackages(names: list[str] | tuple[str, ...] | str) -> list[str]:
     """Installs the given packages (import names such as "skimage", distribution names, or pip requirements;
     the engine's own version bounds are added for known names) with `slicer.util.pip_install` (outside Slicer:
     this Python's pip). Refuses torch, torchvision and torchaudio: those come from the PyTorch extension
-    (`installTorch`). Returns the requirements installed."""
+    (`installTorch`). Returns the requirements installed; DependencyError when pip failed."""
     names = [names] if isinstance(names, str) else list(names)
     refused = [n for n in names if _distribution(n) in TORCH_DISTRIBUTIONS]
     if refused:
@@ -159,10 +208,16 @@ def installPackages(names: list[str] | tuple[str, ...] | str) -> list[str]:
         pipInstall = slicer.util.pip_install
     except ImportError:
         pipInstall = None
-    if pipInstall is not None:
-        pipInstall(requirements)
-    else:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", *requirements])
+    try:
+        if pipInstall is not None:
+            pipInstall(requirements)
+        else:
+            subprocess.check_call([sys.executable, "-m", "pip", "install", *requirements])
+    except subprocess.CalledProcessError as error:
+        raise DependencyError(f"pip could not install {', '.join(requirements)} (exit code {error.returncode}); "
+                              "its output is in the Python console and the application log. Check the network "
+                              "connection and try again.", shown=pipShowsErrors()) from error
+    importlib.invalidate_caches()
     return requirements
 
 

@@ -1,10 +1,15 @@
 """3D Slicer module "Anomaly Detection (RA)": the panel that wires Slicer's widgets to RALogic.
 
-No computation lives here: detection, thresholds, display, training and the model registry are RALogic's (no Qt)
-and ra_engine's (no Slicer). Slicer imports this file at start-up, before PyTorch may be installed, so torch and
-ra_engine's torch-using modules are never imported at module level; RALogic is imported when the panel is first
-opened.
+No computation lives here: detection, thresholds, display, training, the model registry, the sample scan and the
+engine's errors are RALogic's (no Qt), which runs the engine in child processes. The panel imports nothing but
+RALogic, Slicer (and its Sample Data module), Qt, CTK, VTK and the standard library (a test keeps it so).
+
+Slicer imports this file at start-up, in whatever version it is, before the project's packages or PyTorch may be
+installed: RALogic is imported only when the panel opens, after the Slicer version is checked, and the panel says
+what is wrong when it cannot work. The file's syntax stays that of Python 3.6 (Slicer 4.11), so that older versions
+load it and show that message.
 """
+import html
 import logging
 import re
 import time
@@ -21,27 +26,56 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # a Slicer without translations: the texts as they are
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+TITLE = "Anomaly Detection (RA)"
 NOTICE = "Research use only, not for diagnosis."
-
-# The sample scan (Sample Data module, category "RA"): ra_engine's bundled Colin27 head, copied by Sample Data from
-# its installed file (a file:// URI, no network) and checked against this digest.
-SAMPLE_NAME = "RAColin27Head"
-SAMPLE_FILE_NAME = "RA-Colin27-head.nii.gz"
-SAMPLE_RESOURCE = ("reference", "head.nii.gz")
-SAMPLE_SHA256 = "c8423c7c75a0c9c89b486936caff63ce2eba7947e585e657e8f9adfbe69c97c4"
-
-# The small brain MRI model bundled with the extension (ra_engine/resources/models/<name>), used by the self-test.
-DEMO_MODEL = "brain-t1-demo"
+# The oldest Slicer the module supports (docs/SLICER.md): 5.6 and 5.8 embed Python 3.9, 5.10 Python 3.12.
+MINIMUM_SLICER_VERSION = (5, 6)
+# The user guide (CMakeLists.txt's EXTENSION_HOMEPAGE; a test keeps them equal).
+DOCUMENTATION_URL = "https://github.com/<owner>/<repository>/blob/main/docs/SLICER.md"
+INSTALL_COMMAND = "PythonSlicer -m pip install --no-deps -e /path/to/the/repository"
 
 # A registry name (ra_engine.registry.NAME_PATTERN): what a trained model may be registered as.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+POLL_INTERVAL_MS = 100  # how often the panel looks at a running detection
 
 
-def engineResources() -> Path:
-    """The folder of ra_engine's bundled data (reference heads, sample scans, bundled models)."""
-    import ra_engine  # light: no torch (ARCHITECTURE.md)
+def slicerVersion():
+    """(major, minor) of the running Slicer."""
+    return int(slicer.app.majorVersion), int(slicer.app.minorVersion)
 
-    return Path(ra_engine.__file__).resolve().parent / "resources"
+
+def supportProblem():
+    """Why the panel cannot work in this Slicer, said for the user (HTML), or None: a Slicer older than
+    MINIMUM_SLICER_VERSION, or the project's packages (RALogic, ra_engine) not importable in its Python (not
+    installed, or not valid on its Python version)."""
+    version = slicerVersion()
+    if version < MINIMUM_SLICER_VERSION:
+        return _("<b>This module needs 3D Slicer {minimum} or later</b>; this is Slicer {version}. Install a current "
+                 "release from <a href=\"https://download.slicer.org\">download.slicer.org</a>.").format(
+            minimum="{}.{}".format(*MINIMUM_SLICER_VERSION), version="{}.{}".format(*version))
+    try:
+        import RALogic.logic  # noqa: F401  (loads RALogic and ra_engine, no PyTorch)
+    except Exception as error:  # ImportError when not installed, SyntaxError or TypeError on an older Python
+        import sys
+
+        return _("<b>The module's Python packages cannot be loaded</b> in this Slicer's Python ({python}): "
+                 "{error}.<br>Install them into Slicer's Python with <tt>{command}</tt>, then restart Slicer; see "
+                 "the <a href=\"{url}\">user guide</a>.").format(
+            python=sys.version.split()[0], error=html.escape("{}: {}".format(type(error).__name__, error)),
+            command=html.escape(INSTALL_COMMAND), url=html.escape(DOCUMENTATION_URL, quote=True))
+    return None
 
 
 #
@@ -54,12 +88,12 @@ class RAModule(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Anomaly Detection (RA)"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Anomaly Detection (RA)")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["RA for 3D Slicer developers"]
-        self.parent.helpText = f"""
-<p><b>{NOTICE}</b></p>
+        self.parent.helpText = _("""
+<p><b>Research use only, not for diagnosis.</b></p>
 <p>Unsupervised anomaly detection with Reversed Auto-Encoders (RA). A model trained on normal scans only
 reconstructs a pseudo-healthy version of a scan; where the scan differs from its reconstruction, in intensity and in
 perceptual features, is marked as anomalous.</p>
@@ -71,34 +105,37 @@ is compared with the scores of the model's normal calibration scans when its cal
 (the same as the <tt>ra train</tt> command).</p>
 <p>The method: C.I. Bercea, B. Wiestler, D. Rueckert, J.A. Schnabel, "Towards Universal Unsupervised Anomaly
 Detection in Medical Imaging", arXiv:2401.10637 (2024).</p>
-"""
-        self.parent.acknowledgementText = """
+""") + _('<p>For more information see the <a href="{url}">user guide</a>.</p>').format(
+            url=html.escape(DOCUMENTATION_URL, quote=True))
+        self.parent.acknowledgementText = _("""
 <p>Reversed Auto-Encoders: Cosmin I. Bercea, Benedikt Wiestler, Daniel Rueckert and Julia A. Schnabel.
 The sample scan is the Colin27 average head (C.J. Holmes et al., J Comput Assist Tomogr 22(2):324-333, 1998;
 McConnell Brain Imaging Centre, Montreal Neurological Institute), as distributed with MRIcron (BSD-3-Clause).</p>
-"""
+""")
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerSampleData():
     """Adds the bundled sample scan to the Sample Data module, category "RA". Sample Data copies it from the
     installed file (file:// URI, no network) into its cache and checks its SHA256."""
+    if slicerVersion() < MINIMUM_SLICER_VERSION:
+        return
+    try:
+        from RALogic.sample import SAMPLE_FILE_NAME, SAMPLE_NAME, SAMPLE_SHA256, sampleScanPath
+    except Exception as error:  # the panel says what to do; here only the sample is missing
+        logging.warning("RA: the sample scan is not offered in Sample Data, because the project's packages cannot "
+                        "be loaded ({}); see docs/SLICER.md".format(error))
+        return
     import SampleData
 
-    try:
-        scan = engineResources().joinpath(*SAMPLE_RESOURCE)
-    except ImportError:
-        logging.warning("RA: the ra_engine package is not importable, so its sample scan is not offered in Sample "
-                        "Data; install the project into Slicer's Python (see docs/SLICER.md)")
-        return
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="RA",
         sampleName=SAMPLE_NAME,
-        uris=scan.as_uri(),
+        uris=sampleScanPath().as_uri(),
         fileNames=SAMPLE_FILE_NAME,
         nodeNames=SAMPLE_NAME,
-        checksums=f"SHA256:{SAMPLE_SHA256}",
-        thumbnailFileName=str(Path(__file__).resolve().parent / "Resources" / "Icons" / f"{SAMPLE_NAME}.png"),
+        checksums="SHA256:" + SAMPLE_SHA256,
+        thumbnailFileName=str(Path(__file__).resolve().parent / "Resources" / "Icons" / (SAMPLE_NAME + ".png")),
     )
 
 
@@ -109,7 +146,8 @@ def registerSampleData():
 
 class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel. Widgets write the module's parameter node (RALogic's wrapper); the parameter node's changes update
-    the widgets; buttons call RALogic."""
+    the widgets; buttons call RALogic. A detection runs in a child process that a timer polls: the panel stays
+    responsive and never runs Qt's event loop from inside a callback."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -119,12 +157,20 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.result = None  # the RAResult on show, None before a detection and after the scene is closed
         self._parameterNode = None
         self._updatingGUI = False
-        self._detecting = False
-        self._cancelRequested = False
+        self._detection = None  # the RALogic DetectionTask started from this panel
+        self._detectionStarted = 0.0
         self._training = None  # the RALogic.launcher.TrainingProcess started from this panel
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        problem = supportProblem()
+        if problem is not None:
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            label.openExternalLinks = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         from RALogic import RALogic
         from RALogic.models import ModelManager
 
@@ -136,13 +182,16 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = RALogic()
         self.models = ModelManager()
 
-        self.ui.modelSelector.placeholderText = "no model: import or train one"
+        self.ui.modelSelector.placeholderText = _("no model: import or train one")
         self.ui.manageModelsButton.setMenu(self._modelsMenu())
         # The threshold follows the slider while it moves, at most every 150 ms.
         self._flagRateTimer = qt.QTimer()
         self._flagRateTimer.setSingleShot(True)
         self._flagRateTimer.setInterval(150)
         self._flagRateTimer.connect("timeout()", self._applyFlagRate)
+        self._detectionTimer = qt.QTimer()
+        self._detectionTimer.setInterval(POLL_INTERVAL_MS)
+        self._detectionTimer.connect("timeout()", self._pollDetection)
         self._trainingTimer = qt.QTimer()
         self._trainingTimer.setInterval(500)
         self._trainingTimer.connect("timeout()", self._pollTraining)
@@ -172,12 +221,13 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        """Called when the application closes or the module is reloaded: stops what this panel started. Also runs
-        after a setup() that failed early (e.g. RALogic not importable), so what setup() creates may be missing."""
-        self._cancelRequested = True
+        """Called when the application closes or the module is reloaded: stops what this panel started (a running
+        detection is killed, a running training stops with a checkpoint). Also runs after a setup() that stopped
+        early (unsupported Slicer, packages missing), so what setup() creates may be missing."""
         if self._training is not None:
             self._training.cancel()
-        for timer in (getattr(self, "_trainingTimer", None), getattr(self, "_flagRateTimer", None)):
+        for name in ("_trainingTimer", "_flagRateTimer", "_detectionTimer"):
+            timer = getattr(self, name, None)
             if timer is not None:
                 timer.stop()
         self.removeObservers()
@@ -185,16 +235,19 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cleanup()
 
     def enter(self):
+        if self.logic is None:
+            return
         self.refreshModels()
         self.initializeParameterNode()
 
     def exit(self):
         # The panel is hidden: stop following the parameter node (a running detection keeps its own references).
-        self.setParameterNode(None)
+        if self.logic is not None:
+            self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
-        # RALogic stops a running detection itself (SceneClosed). Training works on files, not on the scene, in a
-        # process of its own: it is left running.
+        # RALogic cancels a running detection itself (it ends with SceneClosed). Training works on files, not on
+        # the scene, in a process of its own: it is left running.
         self.setParameterNode(None)
         self._showResult(None)
 
@@ -263,8 +316,13 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # Detection
 
+    @property
+    def detecting(self):
+        """Whether a detection started from this panel is running (its button is then Cancel)."""
+        return self._detection is not None and self._detection.running
+
     def _updateDetectButton(self):
-        if self._detecting:
+        if self.detecting:
             return  # the button is Cancel
         from RALogic.dependencies import missingDependencies
 
@@ -274,62 +332,75 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                  and (bool(parameters.model) or bool(missingDependencies())))
         self.ui.detectButton.enabled = ready
         self.ui.detectButton.toolTip = (
-            "Reconstruct a pseudo-healthy version of the scan and show where the scan differs from it." if ready
-            else "Choose an input volume and a model first.")
+            _("Reconstruct a pseudo-healthy version of the scan and show where the scan differs from it.") if ready
+            else _("Choose an input volume and a model first."))
 
     def onDetectButton(self):
-        if self._detecting:
-            self._cancelRequested = True
-            self.ui.detectButton.enabled = False  # until the engine has stopped
-            self.ui.statusLabel.text = "Cancelling..."
+        if self.detecting:
+            self._detection.cancel()
+            self.ui.detectButton.enabled = False  # until the job has stopped
+            self.ui.statusLabel.text = _("Cancelling...")
             return
         if not self.ensureDependencies():
             return
-        from RALogic import SceneClosed
-        from RALogic.dependencies import deviceInfo
-        from ra_engine import Cancelled
-
         parameters = self._parameterNode
-        volume, model, flagRate, device = (parameters.inputVolume, parameters.model, parameters.flagRate,
-                                           parameters.device or "auto")
+        model = parameters.model
         if not model:
-            slicer.util.errorDisplay("No model is available: import one (Manage...) or train one (Training).")
+            slicer.util.errorDisplay(_("No model is available: import one (Manage...) or train one (Training)."))
             return
-        _, deviceMessage = deviceInfo(device)  # RALogic resolves the same choice ("auto") the same way
+        # Refusals that need no engine (input, model, calibration) come at once, with the scene unchanged.
+        with slicer.util.tryWithErrorDisplay(_("Anomaly detection could not start.")):
+            self._detection = self.logic.startDetection(parameters.inputVolume, model=model,
+                                                        flagRate=parameters.flagRate,
+                                                        device=parameters.device or "auto")
+        self._detectionStarted = time.monotonic()
         self._setDetecting(True)
-        self.ui.statusLabel.text = f"Detecting anomalies with {model}. {deviceMessage}"
-        started = time.monotonic()
-        try:
-            with slicer.util.tryWithErrorDisplay("Anomaly detection failed."):
-                try:
-                    result = self.logic.detect(volume, model=model, flagRate=flagRate, device=device,
-                                               progress=self._onDetectProgress)
-                except SceneClosed as closed:
-                    self.ui.statusLabel.text = str(closed)
-                    return
-                except Cancelled:
-                    self.ui.statusLabel.text = "Cancelled; nothing was added to the scene."
-                    return
-                self.logic.setOpacity(self.ui.opacitySlider.value)
-                self.logic.showResults()
-                self._showResult(result)
-                self.ui.statusLabel.text = (f"Done in {time.monotonic() - started:.1f} s. {deviceMessage} "
-                                            f"{result.report.get('notice') or NOTICE}")
-        finally:
-            self._setDetecting(False)
+        self._showDetectionProgress()
+        self._detectionTimer.start()
 
-    def _onDetectProgress(self, done, total):
-        """RALogic's progress callback: shows progress, keeps Slicer responsive; False asks the engine to stop."""
-        self.ui.detectProgressBar.maximum = max(int(total), 1)
-        self.ui.detectProgressBar.value = int(done)
-        slicer.app.processEvents()
-        return not self._cancelRequested
+    def _pollDetection(self):
+        """The timer's tick: the job's progress, and its end (results shown, or why there are none)."""
+        task = self._detection
+        task.poll()
+        if task.running:
+            self._showDetectionProgress()
+            return
+        self._detectionTimer.stop()
+        self._setDetecting(False)
+        from RALogic import Cancelled, SceneClosed
+
+        if task.error is None:
+            self.logic.setOpacity(self.ui.opacitySlider.value)
+            self.logic.showResults()
+            self._showResult(task.result)
+            report = task.result.report
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}. {notice}").format(
+                seconds=time.monotonic() - self._detectionStarted, device=report.get("device"),
+                notice=report.get("notice") or NOTICE)
+        elif isinstance(task.error, (Cancelled, SceneClosed)):
+            self.ui.statusLabel.text = str(task.error)
+        else:
+            self.ui.statusLabel.text = _("Anomaly detection failed.")
+            slicer.util.errorDisplay(_("Anomaly detection failed: {error}").format(error=task.error),
+                                     windowTitle=TITLE, detailedText=task.log)
+
+    def _showDetectionProgress(self):
+        """The job's phase in the status line; the bar counts scored slices once the network runs (busy before)."""
+        task = self._detection
+        bar = self.ui.detectProgressBar
+        if task.progress is None:
+            bar.maximum = 0  # Qt's busy indicator
+        else:
+            done, total = task.progress
+            bar.maximum = max(total, 1)
+            bar.value = done
+        self.ui.statusLabel.text = _("Detecting anomalies with {model}: {message}").format(
+            model=self._parameterNode.model if self._parameterNode is not None else "", message=task.message)
 
     def _setDetecting(self, running):
-        self._detecting = running
-        self._cancelRequested = False
-        self.ui.detectButton.text = "Cancel" if running else "Detect Anomalies"
+        self.ui.detectButton.text = _("Cancel") if running else _("Detect Anomalies")
         self.ui.detectButton.enabled = True
+        self.ui.detectProgressBar.maximum = 100
         self.ui.detectProgressBar.value = 0
         self.ui.detectProgressBar.visible = running
         for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.manageModelsButton,
@@ -360,13 +431,17 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         score = report["scan_score"]
         percentile = report.get("scan_percentile_of_normal")
-        self.ui.scoreLabel.text = f"{score:.4g} " + (
-            f"(percentile {percentile:.0f} of the model's normal scans)" if percentile is not None
-            else "(the model's calibration holds no normal scan scores to compare with)")
+        self.ui.scoreLabel.text = "{:.4g} ".format(score) + (
+            _("(percentile {percentile:.0f} of the model's normal scans)").format(percentile=percentile)
+            if percentile is not None
+            else _("(the model's calibration holds no normal scan scores to compare with)"))
         flagRate = report.get("flag_rate")
-        at = f"{100.0 * flagRate:.1f}% flag rate" if flagRate is not None else "a fixed threshold"
-        self.ui.regionsLabel.text = (f"{report['regions_total']} regions, {report['flagged_voxels']} voxels "
-                                     f"flagged at {at} (threshold {report['threshold']:.4g}). {NOTICE}")
+        at = (_("{rate:.1f}% flag rate").format(rate=100.0 * flagRate) if flagRate is not None
+              else _("a fixed threshold"))
+        self.ui.regionsLabel.text = _("{regions} regions, {voxels} voxels flagged at {at} (threshold {threshold:.4g}). "
+                                      "{notice}").format(regions=report["regions_total"],
+                                                         voxels=report["flagged_voxels"], at=at,
+                                                         threshold=report["threshold"], notice=NOTICE)
 
     def onFlagRateChanged(self, percent):
         if self._updatingGUI:
@@ -380,7 +455,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _applyFlagRate(self):
         if self.result is None:
             return
-        with slicer.util.tryWithErrorDisplay("The detections could not be updated."):
+        with slicer.util.tryWithErrorDisplay(_("The detections could not be updated.")):
             self._showReport(self.logic.setFlagRate(self.ui.flagRateSlider.value / 100.0).report)
 
     def onOpacityChanged(self, opacity):
@@ -395,36 +470,38 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def ensureDependencies(self):
         """True when the engine's packages are importable. Otherwise offers to install them: PyTorch through the
         PyTorch extension (PyTorchUtils picks the build that fits this computer's GPU; it asks for confirmation
-        itself), the others with pip into Slicer's Python. Shows what is still missing and returns False."""
-        from RALogic.dependencies import dependencyMessage, installPackages, installTorch, missingDependencies
+        itself), the others with pip into Slicer's Python after asking. A failure is shown once (Slicer's own pip
+        dialog may have shown it already); shows what is still missing and returns False."""
+        from RALogic.dependencies import (DependencyError, dependencyMessage, installPackages, installTorch,
+                                          missingDependencies)
 
         missing = missingDependencies()
         if not missing:
             return True
-        if any(dependency.viaPyTorchExtension for dependency in missing):
-            try:
-                with slicer.util.tryWithErrorDisplay("PyTorch could not be installed."):
-                    if installTorch(askConfirmation=True) is None:
-                        return False  # declined
-            except Exception:
-                return False  # shown to the user by tryWithErrorDisplay
-        others = [dependency.requirement for dependency in missingDependencies()
-                  if not dependency.viaPyTorchExtension]
-        if others:
-            if not slicer.util.confirmOkCancelDisplay(
-                    "Anomaly detection needs these Python packages, not yet installed in Slicer's Python: "
-                    f"{', '.join(others)}.\n\nInstall them now with pip? This may take a few minutes.",
-                    windowTitle="Anomaly Detection (RA)"):
-                return False
-            try:
-                with slicer.util.tryWithErrorDisplay("The packages could not be installed.", waitCursor=True):
+        try:
+            if any(dependency.viaPyTorchExtension for dependency in missing) and not installTorch(askConfirmation=True):
+                return False  # declined
+            others = [dependency.requirement for dependency in missingDependencies()
+                      if not dependency.viaPyTorchExtension]
+            if others:
+                if not slicer.util.confirmOkCancelDisplay(
+                        _("Anomaly detection needs these Python packages, not yet installed in Slicer's Python: "
+                          "{packages}.\n\nInstall them now with pip? This may take a few minutes.").format(
+                            packages=", ".join(others)), windowTitle=TITLE):
+                    return False
+                slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+                try:
                     installPackages(others)
-            except Exception:
-                return False
+                finally:
+                    slicer.app.restoreOverrideCursor()
+        except DependencyError as error:
+            if not error.shown:
+                slicer.util.errorDisplay(str(error), windowTitle=TITLE)
+            return False
         stillMissing = dependencyMessage()
         if stillMissing:
-            slicer.util.errorDisplay(f"{stillMissing}\n\nRestarting Slicer may help after an installation.",
-                                     windowTitle="Anomaly Detection (RA)")
+            slicer.util.errorDisplay(_("{missing}\n\nRestarting Slicer may help after an installation.").format(
+                missing=stillMissing), windowTitle=TITLE)
             return False
         self.refreshModels()  # the model cards can be read now
         return True
@@ -453,13 +530,13 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 label = entry["name"]
                 details = [entry["preset"]] if entry.get("preset") else []
                 if entry.get("bundled"):
-                    details.append("bundled")
+                    details.append(_("bundled"))
                 if entry.get("problem"):
-                    details.append("cannot be read")
+                    details.append(_("cannot be read"))
                 elif not entry.get("calibrated"):
-                    details.append("not calibrated")
+                    details.append(_("not calibrated"))
                 if details:
-                    label += f" ({', '.join(details)})"
+                    label += " ({})".format(", ".join(details))
                 combo.addItem(label, entry["name"])
                 combo.setItemData(combo.count - 1, entry.get("problem") or entry.get("path", ""), qt.Qt.ToolTipRole)
             index = combo.findData(chosen)
@@ -476,36 +553,60 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelsMenu(self):
         menu = qt.QMenu(self.ui.manageModelsButton)
-        for text, slot in (("Import from folder...", self.onImportModelFolder),
-                           ("Import from URL...", self.onImportModelUrl),
-                           ("Remove selected model", self.onRemoveModel),
-                           ("Open models folder", self.onOpenModelsFolder)):
+        for text, slot in ((_("Import from folder..."), self.onImportModelFolder),
+                           (_("Import from URL..."), self.onImportModelUrl),
+                           (_("Remove selected model"), self.onRemoveModel),
+                           (_("Open models folder"), self.onOpenModelsFolder)):
             menu.addAction(text).connect("triggered()", slot)
         return menu
 
     def onImportModelFolder(self):
         folder = qt.QFileDialog.getExistingDirectory(
-            slicer.util.mainWindow(), "Choose a model folder (it holds model.json and model.safetensors)")
+            slicer.util.mainWindow(), _("Choose a model folder (it holds model.json and model.safetensors)"))
         if folder:
             self._importModel(folder)
 
     def onImportModelUrl(self):
-        url = qt.QInputDialog.getText(slicer.util.mainWindow(), "Import a model",
-                                      "URL of the model's .zip (http, https or file):").strip()
+        url = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Import a model"),
+                                      _("URL of the model's .zip (http, https or file):")).strip()
         if not url:
             return
         sha256 = qt.QInputDialog.getText(
-            slicer.util.mainWindow(), "Import a model",
-            "SHA256 of the .zip, as published with it (empty: the download is checked only against its own "
-            "model card):").strip()
+            slicer.util.mainWindow(), _("Import a model"),
+            _("SHA256 of the .zip, as published with it (empty: the download is checked only against its own "
+              "model card):")).strip()
         self._importModel(url, sha256 or None)
 
     def _importModel(self, source, sha256=None):
+        """Registers a model from a folder, a .zip or a URL, in a modal progress dialog whose Cancel stops a
+        download (nothing is registered then)."""
         if not self.ensureDependencies():  # importing checks the weights against their card with torch
             return
+        from RALogic import Cancelled
+
         before = {self.ui.modelSelector.itemData(i) for i in range(self.ui.modelSelector.count)}
-        with slicer.util.tryWithErrorDisplay("The model could not be imported.", waitCursor=True):
-            self.models.importModel(source, sha256=sha256)
+        dialog = slicer.util.createProgressDialog(
+            windowTitle=_("Import a model"), labelText=_("Importing {source}").format(source=source), maximum=0,
+            windowModality=qt.Qt.ApplicationModal, autoClose=False)
+
+        def onProgress(done, total):
+            # Bytes may pass a Qt progress bar's int range: the bar counts per mille.
+            if total:
+                dialog.maximum = 1000
+                dialog.value = min(1000, int(1000 * done / total))
+            dialog.labelText = _("Importing {source}: {megabytes:.1f} MB").format(source=source,
+                                                                                 megabytes=done / 1e6)
+            slicer.app.processEvents()  # inside a modal dialog: only its Cancel button takes input
+            return not dialog.wasCanceled
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
+                try:
+                    self.models.importModel(source, sha256=sha256, progress=onProgress)
+                except Cancelled:
+                    self.ui.statusLabel.text = _("Import cancelled; no model was registered.")
+        finally:
+            dialog.close()
         self.refreshModels()
         added = [self.ui.modelSelector.itemData(i) for i in range(self.ui.modelSelector.count)
                  if self.ui.modelSelector.itemData(i) not in before]
@@ -515,26 +616,27 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRemoveModel(self):
         name = self.ui.modelSelector.itemData(self.ui.modelSelector.currentIndex)
         if not name or not slicer.util.confirmOkCancelDisplay(
-                f"Remove the registered model {name}? Its folder is deleted.", windowTitle="Remove a model"):
+                _("Remove the registered model {name}? Its folder is deleted.").format(name=name),
+                windowTitle=_("Remove a model")):
             return
-        with slicer.util.tryWithErrorDisplay(f"The model {name} could not be removed."):
+        with slicer.util.tryWithErrorDisplay(_("The model {name} could not be removed.").format(name=name)):
             self.models.removeModel(name)
         self.refreshModels()
 
     def onOpenModelsFolder(self):
-        with slicer.util.tryWithErrorDisplay("The models folder could not be opened."):
+        with slicer.util.tryWithErrorDisplay(_("The models folder could not be opened.")):
             self.models.openModelsFolder()
 
     # Training
 
     def onChooseTrainingFolder(self):
-        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Choose a folder of normal scans")
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder of normal scans"))
         if folder:
             self.ui.trainDataLineEdit.text = folder
 
     def onChooseTrainingCsv(self):
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Choose a CSV of normal scans", "",
-                                              "CSV files (*.csv);;All files (*)")
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a CSV of normal scans"), "",
+                                              _("CSV files (*.csv);;All files (*)"))
         if path:
             self.ui.trainDataLineEdit.text = path
 
@@ -551,7 +653,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._trainingRunning():
             self._training.cancel()
             self.ui.trainButton.enabled = False  # until the process has stopped
-            self.ui.trainLogTextEdit.appendPlainText("Stopping after the current iteration (with a checkpoint)...")
+            self.ui.trainLogTextEdit.appendPlainText(_("Stopping after the current iteration (with a checkpoint)..."))
             return
         if not self.ensureDependencies():
             return
@@ -564,13 +666,13 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             options={"batchnorm": ("reference", "batch")[self.ui.trainBatchNormComboBox.currentIndex]})
         self.ui.trainLogTextEdit.clear()
         self.ui.trainLogTextEdit.appendPlainText("$ " + self._training.commandLine)
-        with slicer.util.tryWithErrorDisplay("Training could not start."):
+        with slicer.util.tryWithErrorDisplay(_("Training could not start.")):
             self._training.start()  # checks the data and the output folder first
         self._setTraining(True)
         self._trainingTimer.start()
 
     def _setTraining(self, running):
-        self.ui.trainButton.text = "Cancel Training" if running else "Start Training"
+        self.ui.trainButton.text = _("Cancel Training") if running else _("Start Training")
         self.ui.trainButton.enabled = True
         self.ui.trainProgressBar.visible = running
         if running:
@@ -596,7 +698,7 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if event.get("step") is not None:
             bar.value = min(int(event["step"]), bar.maximum)
         eta = event.get("eta_s")
-        bar.format = "%p%" + (f", about {_duration(eta)} left" if eta else "")
+        bar.format = "%p%" + (_(", about {duration} left").format(duration=_duration(eta)) if eta else "")
         kind = event.get("event")
         if kind == "epoch":
             losses = ", ".join(f"{name} {value:.4g}" for name, value in (event.get("losses") or {}).items())
@@ -612,29 +714,30 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process = self._training
         self._setTraining(False)
         if process.modelPath is not None:
-            self.ui.trainLogTextEdit.appendPlainText(f"Finished: the model is in {process.modelPath}")
+            self.ui.trainLogTextEdit.appendPlainText(
+                _("Finished: the model is in {path}").format(path=process.modelPath))
             self._registerTrainedModel(process.modelPath)
         elif process.cancelled:
             self.ui.trainLogTextEdit.appendPlainText(
-                "Stopped. Tick 'Resume an interrupted run' and start again to continue from the last checkpoint.")
+                _("Stopped. Tick 'Resume an interrupted run' and start again to continue from the last checkpoint."))
         else:
             self.ui.trainLogTextEdit.appendPlainText(process.log[-4000:])
-            slicer.util.errorDisplay(f"Training failed (exit code {process.returncode}); its log is in the "
-                                     "Training section.")
+            slicer.util.errorDisplay(_("Training failed (exit code {code}); its log is in the Training "
+                                       "section.").format(code=process.returncode), windowTitle=TITLE)
 
     def _registerTrainedModel(self, modelDir):
         """Offers to add the trained model to the registry so that it appears in the model list."""
         suggested = re.sub(r"[^A-Za-z0-9._-]+", "-", modelDir.parent.name).strip("-.") or "my-model"
-        name = qt.QInputDialog.getText(slicer.util.mainWindow(), "Register the trained model",
-                                       "Name in the model list (letters, digits, '.', '_' and '-'):",
+        name = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Register the trained model"),
+                                       _("Name in the model list (letters, digits, '.', '_' and '-'):"),
                                        qt.QLineEdit.Normal, suggested).strip()
         if not name:
             return
         if not MODEL_NAME_PATTERN.fullmatch(name):
-            slicer.util.errorDisplay(f"{name!r} is not a usable model name: use letters, digits, '.', '_' and '-', "
-                                     "starting with a letter or digit.")
+            slicer.util.errorDisplay(_("{name} is not a usable model name: use letters, digits, '.', '_' and '-', "
+                                       "starting with a letter or digit.").format(name=repr(name)))
             return
-        with slicer.util.tryWithErrorDisplay("The trained model could not be registered.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("The trained model could not be registered."), waitCursor=True):
             self.models.importModel(str(modelDir), name=name)
         self.refreshModels()
         self._selectModel(name)
@@ -643,10 +746,10 @@ class RAModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 def _duration(seconds):
     """A rough human duration: '40 s', '12 min', '3.5 h'."""
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return "{:.0f} s".format(seconds)
     if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return "{:.0f} min".format(seconds / 60)
+    return "{:.1f} h".format(seconds / 3600)
 
 
 #
@@ -655,21 +758,27 @@ def _duration(seconds):
 
 
 class RAModuleTest(ScriptedLoadableModuleTest):
-    """Self-test, offline: the bundled sample scan with a synthetic lesion, the bundled demonstration model."""
+    """Self-test, offline: the bundled sample scan with a synthetic lesion, the bundled demonstration model. It needs
+    the engine's packages and never installs any: without them it fails, saying what is missing."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from RALogic.dependencies import dependencyMessage
+
+        missing = dependencyMessage()
+        self.assertIsNone(missing, "the self-test needs the engine's packages and does not install them; open the "
+                                   "module and press Detect Anomalies to install them first")
         for test in (self.test_detection_flags_synthetic_lesion, self.test_cancel_leaves_scene_unchanged,
-                     self.test_panel_detects_and_moves_threshold):
+                     self.test_panel_detects_and_moves_threshold, self.test_panel_cancel_leaves_scene_unchanged):
             self.setUp()
             test()
 
     def test_detection_flags_synthetic_lesion(self):
         """Outputs on the input's grid; the lesion is flagged; the flag rate changes the detections."""
-        import numpy as np
         from RALogic import RALogic
+        from RALogic.sample import DEMO_MODEL
 
         volume, lesion = self._lesionedSample()
         self.delayDisplay("Detecting anomalies with the bundled demonstration model")
@@ -677,7 +786,7 @@ class RAModuleTest(ScriptedLoadableModuleTest):
         result = logic.detect(volume, model=DEMO_MODEL, device="cpu")
         for node in (result.pseudoHealthyNode, result.anomalyMapNode, result.detectionsNode):
             self.assertEqual(node.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-            np.testing.assert_allclose(_ijkToRas(node), _ijkToRas(volume), atol=1e-9)
+            self.assertEqual(_ijkToRas(node), _ijkToRas(volume))  # exactly the input's grid
         self.assertTrue(result.detectionsNode.IsA("vtkMRMLLabelMapVolumeNode"))
         self.assertIsNotNone(result.segmentationNode)
 
@@ -685,9 +794,9 @@ class RAModuleTest(ScriptedLoadableModuleTest):
         self.assertGreater(flagged[lesion].mean(), 0.1, "less than 10% of the synthetic lesion is flagged")
 
         strict = logic.setFlagRate(0.01).report
-        strictFlagged = np.count_nonzero(slicer.util.arrayFromVolume(result.detectionsNode))
+        strictFlagged = _countFlagged(result.detectionsNode)
         loose = logic.setFlagRate(0.2).report
-        looseFlagged = np.count_nonzero(slicer.util.arrayFromVolume(result.detectionsNode))
+        looseFlagged = _countFlagged(result.detectionsNode)
         self.assertAlmostEqual(strict["flag_rate"], 0.01)
         self.assertAlmostEqual(loose["flag_rate"], 0.2)
         self.assertEqual(strict["flagged_voxels"], strictFlagged)
@@ -697,10 +806,10 @@ class RAModuleTest(ScriptedLoadableModuleTest):
 
     def test_cancel_leaves_scene_unchanged(self):
         """A progress callback returning False stops detection with Cancelled and adds no node."""
-        from RALogic import RALogic
-        from ra_engine import Cancelled
+        from RALogic import Cancelled, RALogic
+        from RALogic.sample import DEMO_MODEL
 
-        volume, _ = self._lesionedSample()
+        volume, _lesion = self._lesionedSample()
         logic = RALogic()
         logic.getParameterNode()  # created first: the count below is of everything else
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
@@ -717,66 +826,87 @@ class RAModuleTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancellation test passed")
 
     def test_panel_detects_and_moves_threshold(self):
-        """The panel's Detect button shows a score; moving its flag-rate slider updates the detections."""
-        import numpy as np
+        """The panel's Detect button runs detection in the background (the panel stays responsive, the button
+        turns into Cancel) and shows a score; moving its flag-rate slider updates the detections."""
+        widget = self._panelWithSample()
+        widget.ui.detectButton.click()
+        self.assertTrue(widget.detecting)
+        self.assertTrue(widget.ui.detectProgressBar.isVisibleTo(widget.parent))
+        _processEventsUntil(lambda: not widget.detecting)
+        self.assertIsNotNone(widget.result, widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.scoreLabel.text.startswith("{:.4g} ".format(widget.result.report["scan_score"])))
+        self.assertTrue(widget.ui.flagRateSlider.enabled)
 
-        volume, _ = self._lesionedSample()
+        widget.ui.flagRateSlider.value = 0.5
+        _processEventsFor(1.0)
+        before = _countFlagged(widget.result.detectionsNode)
+        widget.ui.flagRateSlider.value = 15.0
+        _processEventsFor(1.0)
+        after = _countFlagged(widget.result.detectionsNode)
+        self.assertLess(before, after)
+        self.assertAlmostEqual(widget.logic.parameters.flagRate, 0.15)
+        self.delayDisplay("Panel test passed")
+
+    def test_panel_cancel_leaves_scene_unchanged(self):
+        """Pressing the button again while detection runs cancels it: nothing is added to the scene."""
+        widget = self._panelWithSample()
+        widget.logic.getParameterNode()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        widget.ui.detectButton.click()
+        self.assertTrue(widget.detecting)
+        widget.ui.detectButton.click()  # Cancel
+        _processEventsUntil(lambda: not widget.detecting)
+        self.assertIsNone(widget.result)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Panel cancellation test passed")
+
+    def _panelWithSample(self):
+        """The module's panel with the lesioned sample, the bundled model and the CPU chosen."""
+        from RALogic.sample import DEMO_MODEL
+
+        volume, _lesion = self._lesionedSample()
         slicer.util.selectModule("RAModule")
         widget = slicer.modules.ramodule.widgetRepresentation().self()
         self.assertIn("not for diagnosis", widget.ui.noticeLabel.text)
         widget.ui.inputVolumeSelector.setCurrentNode(volume)
         modelIndex = widget.ui.modelSelector.findData(DEMO_MODEL)
-        self.assertGreaterEqual(modelIndex, 0, f"the bundled model {DEMO_MODEL} is not in the model list")
+        self.assertGreaterEqual(modelIndex, 0, "the bundled model {} is not in the model list".format(DEMO_MODEL))
         widget.ui.modelSelector.currentIndex = modelIndex
         widget.ui.deviceSelector.currentIndex = widget.ui.deviceSelector.findText("cpu")
         self.assertTrue(widget.ui.detectButton.enabled)
-
-        widget.ui.detectButton.click()
-        self.assertIsNotNone(widget.result, widget.ui.statusLabel.text)
-        self.assertTrue(widget.ui.scoreLabel.text.startswith(f"{widget.result.report['scan_score']:.4g} "))
-        self.assertTrue(widget.ui.flagRateSlider.enabled)
-        self.assertEqual(widget.ui.detectButton.text, "Detect Anomalies")
-
-        widget.ui.flagRateSlider.value = 0.5
-        _processEventsFor(1.0)
-        before = np.count_nonzero(slicer.util.arrayFromVolume(widget.result.detectionsNode))
-        widget.ui.flagRateSlider.value = 15.0
-        _processEventsFor(1.0)
-        after = np.count_nonzero(slicer.util.arrayFromVolume(widget.result.detectionsNode))
-        self.assertLess(before, after)
-        self.assertAlmostEqual(widget.logic.parameters.flagRate, 0.15)
-        self.delayDisplay("Panel test passed")
+        return widget
 
     def _lesionedSample(self):
-        """The sample scan loaded through Sample Data, with ra_engine.demo's synthetic lesion written into its
-        voxels; returns (volume node, lesion mask as a bool array indexed like arrayFromVolume)."""
-        import numpy as np
+        """The sample scan loaded through Sample Data, with ra demo's synthetic lesion written into its voxels;
+        returns (volume node, lesion mask as a bool array indexed like arrayFromVolume)."""
         import SampleData
-        from ra_engine.demo import insert_lesion
-        from ra_engine import read_image
+        from RALogic.sample import SAMPLE_NAME, insertSyntheticLesion
 
         self.delayDisplay("Loading the sample scan and inserting a synthetic lesion")
         registerSampleData()
         volume = SampleData.SampleDataLogic().downloadSample(SAMPLE_NAME)
-        original = read_image(engineResources().joinpath(*SAMPLE_RESOURCE))
-        # Slicer's (k, j, i) array of the loaded file is the engine's (z, y, x) array of the same file.
-        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), original.array)
-        scan, lesion = insert_lesion(original)
-        slicer.util.updateVolumeFromArray(volume, scan.array.astype(np.float32))
-        return volume, lesion.astype(bool)
+        return volume, insertSyntheticLesion(volume)
 
 
 def _ijkToRas(volumeNode):
-    import numpy as np
-
+    """The node's IJK-to-RAS matrix as nested lists (rows)."""
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+    return [[matrix.GetElement(row, column) for column in range(4)] for row in range(4)]
+
+
+def _countFlagged(labelMapNode):
+    return int((slicer.util.arrayFromVolume(labelMapNode) > 0).sum())
 
 
 def _processEventsFor(seconds):
     """Lets Qt timers fire (the flag-rate slider's delayed update) while a test waits."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    _processEventsUntil(lambda: False, seconds)
+
+
+def _processEventsUntil(condition, timeout=600.0):
+    """Runs Qt's event loop (the panel's timers) until `condition()` holds or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
         slicer.app.processEvents()
         time.sleep(0.01)

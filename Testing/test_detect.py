@@ -341,7 +341,7 @@ def test_unusable_images_are_refused(xray, scorer, array, match):
 def test_bf16_autocast_detection_stays_close_to_float32(scorer):
     """The network under bfloat16 autocast (load_model(amp=True), ra detect --amp) gives maps within the stated
     tolerance of the float32 default and detections that agree (docs/BENCHMARKS.md)."""
-    from ra_engine.demo import TEST_SCAN, insert_lesion
+    from ra_engine.core.samples import TEST_SCAN, insert_lesion
 
     scan, _ = insert_lesion(read_image(TEST_SCAN))
     plain = detect(load_model(BUNDLED_DEMO), scan, scorer)

@@ -1,11 +1,17 @@
 """RALogic on real MRML (slicer-core, headless) with a tiny untrained, calibrated model: the RAS/LPS bridge checked
 against SimpleITK on oblique, anisotropic, flipped and mirrored volumes; outputs on the input's exact grid, equal to
-the engine's results on the node's scan and lying where the engine puts them on the file SimpleITK reads; re-runs that update the same nodes; an input that never changes; refusals and
-cancellation that leave the scene as it was; new flag rates without the network; NRRD/NIfTI and scene round trips."""
+the engine's results on the node's scan and lying where the engine puts them on the file SimpleITK reads, placed in
+the subject hierarchy beside the input and displayed as the panel shows them; re-runs that update the same nodes; an
+input that never changes; refusals and cancellation (also through a launcher that forwards no signal) that leave the
+scene as it was; detection in a child process, never in this one; new flag rates without the network; no MRML
+collection leaked; NRRD/NIfTI and scene round trips; the parameter node across closing and loading scenes."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ import vtk
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, node_checksum, save_volume, scene_snapshot, \
     segment_array, voxels
+from fixtures_processes import group_exists, process_exists, write_standin_launcher
 from ra_engine.thresholds.table import calibration_table
 from ra_engine.core.errors import Cancelled, DataError, ModelError, RAError
 from ra_engine.core.image import Geometry, Image
@@ -22,6 +29,7 @@ from ra_engine.io.images import read_image
 from ra_engine.models.card import read_card, write_card
 from RALogic import RALogic, RAParameters, SceneClosed
 from RALogic import outputs
+from RALogic.parameters import MODULE_NAME, MODULE_NAME_ATTRIBUTE
 from RALogic.geometry import (array_ijk_to_ras, geometry_from_ijk_to_ras, image_from_volume, ijk_to_ras_from_geometry,
                               ras_of_index, set_volume_from_image)
 from test_detect import GRIDS, MNI, calibrate, make_model, resampled, rotation
@@ -233,10 +241,21 @@ def test_outputs_are_displayed_with_their_own_colour_tables_and_placed_beside_th
     assert heat.GetWindowLevelMax() == pytest.approx(top, rel=0.05)
     labels = result.detectionsNode.GetDisplayNode().GetColorNode()
     assert labels.GetName() == "RA Detections" and labels.GetColorName(1) == "anomaly"
-    # The input sits in a study: the outputs go beside it.
+    # The segmentation outlines the detections (the label map fills them) in the detections' green.
+    segmentation = result.segmentationNode.GetDisplayNode()
+    assert segmentation.GetVisibility() and segmentation.GetVisibility2DOutline()
+    assert not segmentation.GetVisibility2DFill()
+    segment = result.segmentationNode.GetSegmentation().GetSegment("Anomaly")
+    assert segment.GetColor() == pytest.approx(outputs.DETECTION_COLOUR)
+    pseudo = result.pseudoHealthyNode.GetDisplayNode()
+    assert pseudo.GetColorNodeID() == node.GetDisplayNode().GetColorNodeID()  # greyscale, like the input
+    # The input sits in a study: the outputs go beside it, each once.
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     for output in (result.pseudoHealthyNode, result.anomalyMapNode, result.detectionsNode, result.segmentationNode):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == session["study"]
+    children = vtk.vtkIdList()
+    hierarchy.GetItemChildren(session["study"], children)
+    assert children.GetNumberOfIds() == 5  # the input and its four outputs
     # The parameter node records inputs, outputs and report.
     params = session["logic"].parameters
     assert params.inputVolume is node and params.output("anomalyMap") is result.anomalyMapNode
@@ -259,6 +278,10 @@ def test_a_rerun_updates_the_same_nodes(session, model_dir):
     assert again.report["flag_rate"] == 0.02 and logic.parameters.flagRate == 0.02
     assert again.report["flagged_voxels"] < first.report["flagged_voxels"]
     assert node_checksum(node) == session["before"]
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    children = vtk.vtkIdList()
+    hierarchy.GetItemChildren(session["study"], children)
+    assert children.GetNumberOfIds() == 5, "a re-run moves or adds nothing in the subject hierarchy"
 
 
 def test_cancelling_leaves_the_scene_exactly_as_it_was(session, model_dir):
@@ -276,6 +299,59 @@ def test_cancelling_leaves_the_scene_exactly_as_it_was(session, model_dir):
     with pytest.raises(Cancelled):
         RALogic(fresh.scene).detect(volume, model=str(model_dir), device="cpu", progress=lambda done, total: False)
     assert scene_snapshot(fresh.scene) == before
+
+
+def test_detection_starts_at_once_reports_progress_and_cancels_through_a_launcher_that_forwards_no_signal(
+        session, model_dir, tmp_path):
+    """startDetection returns at once and the job reports before PyTorch is loaded; poll() never blocks. Behind a
+    stand-in for PythonSlicer (which dies of SIGTERM and passes nothing on), cancel stops the engine itself, within
+    a batch: the task ends with Cancelled and the engine's own exit status, no process is left, the scene is as it
+    was."""
+    scene, node = session["scene"], session["node"]
+    logic = RALogic(scene, python=str(write_standin_launcher(tmp_path)))
+    before = scene_snapshot(scene)
+    started = time.monotonic()
+    task = logic.startDetection(node, model=str(model_dir), device="cpu")
+    assert time.monotonic() - started < 2.0 and task.running
+    events, first = [], None
+    while task.running and not any(e["event"] == "step" for e in events):
+        polled = time.monotonic()
+        events += task.poll()
+        assert time.monotonic() - polled < 0.5, "poll() blocked"
+        if events and first is None:
+            first = time.monotonic() - started
+        time.sleep(0.02)
+    assert events[0]["event"] == "start" and "Loading PyTorch" in events[0]["message"]
+    assert first is not None and first < 30.0
+    assert task.progress is not None and task.progress[1] > 0
+    engine = task.enginePid
+    assert engine is not None and process_exists(engine)
+    task.cancel()
+    with pytest.raises(Cancelled, match="nothing was added"):
+        task.wait()
+    assert task.returncode == 130, task.log
+    assert not process_exists(engine) and not group_exists(task.pid)
+    assert scene_snapshot(scene) == before and task.result is None
+    logic.cleanup()
+
+
+def test_detection_never_loads_torch_in_the_calling_process(model_dir, scan_file, tmp_path):
+    """The network, the model and LPIPS load in the child process only: a fresh process that runs a detection
+    through RALogic has not imported torch at its end."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from fixtures_mrml import ViewScene, load_volume
+from RALogic import RALogic
+views = ViewScene()
+node = load_volume(views.scene, {str(scan_file)!r}, "scan")
+result = RALogic(views.scene).detect(node, model={str(model_dir)!r}, device="cpu")
+assert result.report["flagged_voxels"] > 0
+print(sorted(m for m in ("torch", "lpips", "torchvision") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_unusable_inputs_are_refused_with_the_scene_unchanged(session, model_dir, tmp_path):
@@ -395,6 +471,34 @@ def test_a_new_flag_rate_changes_the_detections_without_the_network(session, mon
     assert node_checksum(node) == session["before"]
 
 
+def test_no_mrml_collection_is_leaked_by_detection_flag_rates_and_display(session, model_dir):
+    """vtkMRMLScene.GetNodesByClass and GetNodesByClassByName hand their caller a new vtkCollection to release: every
+    one the logic asks for during a detection, flag-rate changes, opacity changes and showing the results must be
+    freed again (only the reference this test keeps may be left)."""
+    scene, logic, node = session["scene"], session["logic"], session["node"]
+    handed_out = []
+    names = ("GetNodesByClass", "GetNodesByClassByName")
+    for name in names:
+        def spy(*args, name=name):
+            collection = getattr(type(scene), name)(scene, *args)
+            handed_out.append(collection)
+            return collection
+
+        setattr(scene, name, spy)  # on this scene object only; removed below (the scene must not refer to itself)
+    try:
+        logic.detect(node, model=str(model_dir), device="cpu", flagRate=0.05)
+        for rate in (0.01, 0.02, 0.05):
+            logic.setFlagRate(rate)
+        for opacity in (0.2, 0.5):
+            logic.setOpacity(opacity)
+        logic.showResults()
+    finally:
+        for name in names:
+            delattr(scene, name)
+    leaked = [c.GetReferenceCount() - 1 for c in handed_out if c.GetReferenceCount() > 1]
+    assert not leaked, f"{len(leaked)} of {len(handed_out)} collections handed out by the scene were not released"
+
+
 # ---- files and scenes -------------------------------------------------------------------------------------------
 
 
@@ -435,6 +539,7 @@ def test_parameters_survive_saving_and_loading_the_scene(session, tmp_path):
     loaded.SetURL(str(tmp_path / "bundle" / "bundle.mrml"))
     assert loaded.Import()
     restored = RALogic(loaded).parameters
+    assert restored.node.GetAttribute(MODULE_NAME_ATTRIBUTE) == MODULE_NAME
     assert (restored.opacity, restored.flagRate, restored.model, restored.device) == (0.3, 0.004, "brain-t1-demo",
                                                                                        "cpu")
     assert restored.report == json.loads(json.dumps(report))
@@ -481,6 +586,20 @@ def test_closing_the_scene_during_a_job_writes_nothing_and_drops_the_kept_detect
         logic.setFlagRate(0.01)
     with pytest.raises(DataError, match="not in this logic's scene"):
         logic.detect(node, model=str(model_dir))
+
+
+def test_the_parameter_node_keeps_its_tag_when_the_scene_is_closed(session):
+    """Closing the scene keeps the singleton parameter node but resets it, attributes included: the logic tags it
+    again ("ModuleName", as ScriptedLoadableModuleLogic does), with its values back at their defaults."""
+    scene, logic = session["scene"], session["logic"]
+    node = logic.getParameterNode()
+    assert node.GetAttribute(MODULE_NAME_ATTRIBUTE) == MODULE_NAME and node.GetSingletonTag() == MODULE_NAME
+    logic.parameters.opacity = 0.9
+    scene.Clear(0)
+    again = logic.getParameterNode()
+    assert again is node and again.GetAttribute(MODULE_NAME_ATTRIBUTE) == MODULE_NAME
+    assert logic.parameters.opacity == 0.5 and logic.parameters.report is None
+    assert scene.GetNodesByClass("vtkMRMLScriptedModuleNode").GetNumberOfItems() == 1
 
 
 def test_importing_ralogic_imports_neither_torch_nor_qt():

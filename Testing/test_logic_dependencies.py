@@ -1,7 +1,12 @@
-"""RALogic.dependencies: package checks without importing, PyTorch only through the PyTorch extension, pip for the
-rest, the device choice with its fallbacks and memory warning, the memory estimate."""
+"""RALogic.dependencies: package checks without importing (and after an installation, with fresh import caches),
+PyTorch only through the PyTorch extension (a torch without torchvision completed with the matching release), pip
+for the rest (a failure that Slicer's own dialog showed is marked so), the device choice with its fallbacks and
+memory warning, the memory estimate."""
+import importlib
+import importlib.metadata
 import importlib.util
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -10,7 +15,8 @@ import pytest
 
 from RALogic import dependencies
 from RALogic.dependencies import (DEPENDENCIES, DependencyError, checkDependencies, dependencyMessage, deviceInfo,
-                                  estimateMemoryGB, installPackages, installTorch, missingDependencies, torchMessage)
+                                  estimateMemoryGB, installPackages, installTorch, missingDependencies, pipShowsErrors,
+                                  torchMessage, torchRequirements)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,22 +76,89 @@ def test_install_torch_without_the_pytorch_extension_is_a_clear_error(monkeypatc
         installTorch()
 
 
-def test_install_torch_goes_through_pytorch_utils(monkeypatch, pip_calls, without):
+@pytest.fixture
+def pytorch_utils(monkeypatch):
+    """A stand-in PyTorch extension: records PyTorchUtilsLogic.installTorch's requirements instead of installing."""
     calls = []
 
     class PyTorchUtilsLogic:
-        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
-            calls.append((askConfirmation, torchVersionRequirement))
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement, torchvisionVersionRequirement))
             return "torch module"
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    import torch
+    return calls
 
-    assert installTorch() is torch and calls == [], "an importable torch is not installed again"
-    assert installTorch(askConfirmation=False, force=True) == "torch module"
-    without("torch")
-    assert installTorch(askConfirmation=True) == "torch module"
-    assert calls == [(False, ">=2.1"), (True, ">=2.1")] and pip_calls == []
+
+def installed_requirements():
+    """(torch, torchvision) requirements that keep this environment's torch: its version, the matching torchvision."""
+    release = importlib.metadata.version("torch").split("+")[0]
+    return f"=={release}", f"==0.{int(release.split('.')[1]) + 15}.*"
+
+
+def test_install_torch_goes_through_pytorch_utils(pytorch_utils, pip_calls, without):
+    assert installTorch() is True and pytorch_utils == [], "an importable torch and torchvision are not installed again"
+    assert installTorch(askConfirmation=False, force=True) is True
+    assert pytorch_utils == [(False, *installed_requirements())] and pip_calls == []
+
+
+def test_torch_without_torchvision_is_completed_with_the_matching_release(pytorch_utils, without):
+    """Not a dead end: a torch that is there but a torchvision that is not makes PyTorchUtils install the
+    torchvision release made for that torch, keeping the torch."""
+    without("torchvision")
+    installTorch(askConfirmation=True)
+    assert pytorch_utils == [(True, *installed_requirements())]
+
+
+@pytest.mark.parametrize("installed, expected", [
+    (None, (">=2.1", ">=0.16")),
+    ("2.1.0", ("==2.1.0", "==0.16.*")),
+    ("2.14.1+cu121", ("==2.14.1", "==0.29.*")),
+    ("3.0.0", ("==3.0.0", ">=0.16")),
+])
+def test_torch_requirements_keep_an_installed_torch(monkeypatch, installed, expected):
+    def version(name):
+        if name != "torch" or installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert torchRequirements() == expected
+
+
+def test_the_import_caches_are_cleared_after_an_installation(monkeypatch, pytorch_utils, pip_calls, without):
+    """find_spec answers from caches of the folders' contents: after pip wrote new packages, they are cleared."""
+    cleared = []
+    monkeypatch.setattr(importlib, "invalidate_caches", lambda: cleared.append(True))
+    installPackages(["lpips"])
+    assert cleared == [True]
+    without("torchvision")
+    installTorch()
+    assert cleared == [True, True]
+
+
+def test_a_pip_failure_is_an_error_that_says_whether_slicer_showed_it(monkeypatch):
+    """Slicer versions whose pip_install shows its own progress dialog also show its failure: the error says so,
+    and the panel does not show a second one."""
+    import slicer
+    import slicer.util
+
+    def failing(requirements, **kw):
+        raise subprocess.CalledProcessError(1, "pip install")
+
+    monkeypatch.setattr(slicer.util, "pip_install", failing)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: False), raising=False)
+    real = importlib.util.find_spec
+    for packaging, shown in ((False, False), (True, True)):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, packaging=packaging: (
+            object() if packaging else None) if name == "slicer.packaging" else real(name, *a))
+        assert pipShowsErrors() is shown
+        with pytest.raises(DependencyError, match="pip could not install lpips") as raised:
+            installPackages(["lpips"])
+        assert raised.value.shown is shown
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True))
+    assert pipShowsErrors() is False, "in testing mode Slicer installs without a dialog"
 
 
 @pytest.mark.parametrize("name", ["torch", "torchvision==0.20.1", "Torch>=2", "torchaudio"])

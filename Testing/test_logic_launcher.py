@@ -1,12 +1,16 @@
-"""RALogic.launcher: a real `ra train` in a child process, its progress events, cancel, kill, resume, refusals."""
+"""RALogic.launcher: a real `ra train` in a child process, its progress events, cancel, kill, resume, refusals; and
+cancel through a launcher that forwards no signal (as Slicer's PythonSlicer): the engine itself stops, its own exit
+status is reported, and a kill reaches it."""
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from fixtures_io import write_radiographs
-from RALogic.launcher import TrainingProcess
+from fixtures_processes import group_exists, process_exists, write_standin_launcher
+from RALogic.launcher import EngineProcess, TrainingProcess
 from ra_engine.core.errors import DataError, RAError
 
 OPTIONS = {"image_size": 32, "widths": (8, 16), "latent_dim": 8, "batch_size": 2, "lr": 1e-3, "device": "cpu",
@@ -31,12 +35,11 @@ def training_steps(events):
     return [e for e in events if e["event"] == "step" and "losses" in e]
 
 
-def group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    """A stand-in for PythonSlicer, and the test folder on the child's path (for `engine_standins`)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    return write_standin_launcher(tmp_path / "launcher")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def test_kill_ends_the_whole_process_group_at_once(tmp_path):
     assert process.wait(TIMEOUT_S) == -signal.SIGKILL
     assert not group_exists(pgid)
     [error] = [e for e in process.poll() if e["event"] == "error"]
-    assert "cancelled" in error["message"] and error["returncode"] == -signal.SIGKILL
+    assert "killed" in error["message"] and error["returncode"] == -signal.SIGKILL
 
 
 @pytest.mark.slow
@@ -202,7 +205,7 @@ def test_cancel_by_stop_file_alone_checkpoints_as_on_windows(tmp_path, monkeypat
     import RALogic.launcher as launcher
 
     signals = []
-    monkeypatch.setattr(launcher.os, "kill", lambda pid, sig: signals.append(sig))
+    monkeypatch.setattr(launcher.os, "killpg", lambda pgid, sig: signals.append(sig))
     data, out = write_radiographs(tmp_path / "normals"), tmp_path / "run"
     (out).mkdir()
     (out / launcher.STOP_FILE).touch()  # a leftover of an earlier stop does not stop the new run
@@ -211,6 +214,53 @@ def test_cancel_by_stop_file_alone_checkpoints_as_on_windows(tmp_path, monkeypat
         pump(process, lambda ev: len(training_steps(ev)) >= 2)
         process.cancel(timeout=TIMEOUT_S)
         assert process.wait(TIMEOUT_S) == 130, process.log
-    assert signals == [signal.SIGTERM], "the signal went nowhere (patched): only the stop file stopped the run"
+    # The SIGTERM went nowhere (patched; so did the SIGKILL for leftovers after the end): the stop file stopped it.
+    assert signals[0] == signal.SIGTERM and set(signals) <= {signal.SIGTERM, signal.SIGKILL}
     assert "--stop-file" in process.command and process.stopFile.exists()
     assert (out / "checkpoints" / "latest.pt").is_file() and not (out / "model").exists()
+
+
+@pytest.mark.slow
+def test_cancel_through_a_launcher_that_forwards_no_signal_stops_the_training_resumable(tmp_path, standin):
+    """PythonSlicer dies of SIGTERM and passes nothing on: the engine behind it still stops cleanly (130, a
+    checkpoint), and that is what is reported, not the launcher's -15."""
+    data, out = write_radiographs(tmp_path / "normals"), tmp_path / "run"
+    process = TrainingProcess(data, "xray", out, epochs=1000, options=OPTIONS, python=str(standin)).start()
+    with process:
+        events = pump(process, lambda ev: len(training_steps(ev)) >= 2)
+        engine = process.enginePid
+        assert engine is not None and engine != process.pid, "the engine runs behind the launcher"
+        process.cancel(timeout=TIMEOUT_S)
+        assert process.wait(TIMEOUT_S) == 130, process.log
+        events += process.poll()
+    assert not any(e["event"] == "error" for e in events), [e for e in events if e["event"] == "error"]
+    assert events[-1]["event"] == "done" and events[-1]["message"] == "stopped by cancelled"
+    assert (out / "checkpoints" / "latest.pt").is_file() and process.modelPath is None
+    assert not process_exists(engine) and not group_exists(process.pid)
+
+
+def test_the_cancel_signal_reaches_the_engine_behind_the_launcher(tmp_path, standin):
+    """An engine that stops on SIGTERM but never looks at its stop file stops at once: the whole process group is
+    signalled, not only the launcher; its own exit status (130, from its status file) is reported."""
+    process = EngineProcess("engine_standins", ["polite"], stopFile=tmp_path / "stop", python=str(standin))
+    with process.start():
+        pump(process, lambda ev: any(e["event"] == "start" for e in ev))
+        started = time.monotonic()
+        process.cancel(timeout=TIMEOUT_S)
+        assert process.wait(TIMEOUT_S) == 130, process.log
+    assert time.monotonic() - started < TIMEOUT_S / 2, "it stopped on the kill, not on the signal"
+    assert not any(e["event"] == "error" for e in process.poll()) and not group_exists(process.pid)
+
+
+def test_a_cancel_the_engine_ignores_ends_in_a_kill_of_the_whole_group(tmp_path, standin):
+    """The kill that follows an ignored cancel watches the engine, not the launcher (which SIGTERM ended at once):
+    it fires, and nothing of the job is left."""
+    process = EngineProcess("engine_standins", ["stubborn"], stopFile=tmp_path / "stop", python=str(standin))
+    with process.start():
+        pump(process, lambda ev: any(e["event"] == "start" for e in ev))
+        engine = process.enginePid
+        process.cancel(timeout=1.0)
+        assert process.wait(TIMEOUT_S) is not None, "the engine was never killed"
+    assert not process_exists(engine) and not group_exists(process.pid)
+    [error] = [e for e in process.poll() if e["event"] == "error"]
+    assert "killed" in error["message"]

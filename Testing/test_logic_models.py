@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from RALogic import Cancelled
 from RALogic.models import ModelManager
 from ra_engine.models import registry as engine_registry
 from ra_engine.core.errors import ModelError
@@ -65,6 +66,14 @@ def test_import_from_a_zip_url_checks_its_sha256(tmp_path, manager):
     with pytest.raises(ModelError, match="already registered"):
         manager.importModel(archive, name="from-url", sha256=digest)
     assert manager.importModel(archive, name="from-url", sha256=digest, overwrite=True) == path
+
+
+def test_an_import_from_a_url_cancelled_by_its_progress_registers_nothing(tmp_path, registry, manager):
+    """The panel's progress dialog returns False from the callback when its Cancel is pressed."""
+    archive = zip_of(make_model(tmp_path / "src"), tmp_path / "tiny.zip")
+    with pytest.raises(Cancelled, match="cancelled"):
+        manager.importModel(archive.as_uri(), name="cancelled", progress=lambda done, total: False)
+    assert manager.listModels() == [] and not (registry / "cancelled").exists()
 
 
 def test_bundled_models_are_listed_read_only_and_shadowed_by_registered_ones(tmp_path, manager):

@@ -1,25 +1,34 @@
 """What the user sees: RALogic's results shown in a slice view and rendered headless by vtkMRMLSliceLogic (no
 OpenGL; written to PNG under the test's tmp_path). The detections label layer lies exactly on the flagged voxels,
 the heat overlay only where the anomaly map is above 0 and only at a non-zero opacity; with the bundled demonstration
-model, a synthetic lesion in an unseen brain is flagged in the picture and the brain far from it mostly is not."""
+model, a synthetic lesion in an unseen brain is flagged in the picture and the brain far from it mostly is not, and
+that picture is the one docs/SLICER.md shows (RA_WRITE_DOC_IMAGES=1 writes it there instead of comparing)."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import vtk
 from scipy import ndimage
+from vtk.util import numpy_support
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, voxels
-from ra_engine.demo import BUNDLED_MODEL, insert_lesion, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN
+from ra_engine.core.samples import insert_lesion, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN
+from ra_engine.demo import BUNDLED_MODEL
 from ra_engine.io.images import read_image
 from RALogic import RALogic
 from RALogic.geometry import ras_of_index
 from RALogic.outputs import DETECTION_COLOUR
+from RALogic.sample import insertSyntheticLesion, sampleScanPath
 from test_detect import MNI, RESOURCES, calibrate, make_model
 
 DEMO_MODEL = RESOURCES / "models" / BUNDLED_MODEL
 GREEN = np.round(np.asarray(DETECTION_COLOUR) * 255)
+DOC_IMAGE = Path(__file__).resolve().parents[1] / "docs" / "images" / "slicer_slice_view.png"
+DOC_VIEW_SIZE = (384, 384)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,18 +131,29 @@ def test_the_layers_show_input_heat_overlay_and_detections_where_they_are(shown,
 @pytest.mark.skipif(not (DEMO_MODEL / "model.json").is_file(),
                     reason=f"the bundled demonstration model {DEMO_MODEL} is not there yet")
 def test_the_demo_model_flags_a_synthetic_lesion_in_the_rendered_slice(tmp_path):
-    scan, truth = insert_lesion(read_image(RESOURCES / TEST_SCAN))
+    scan, truth = insert_lesion(read_image(TEST_SCAN))
     path = tmp_path / "lesioned.nii.gz"
     sitk.WriteImage(scan.to_sitk(), str(path))
-    views = ViewScene()
+    views = ViewScene(size=DOC_VIEW_SIZE)
     node = load_volume(views.scene, path, "lesioned")
     logic = RALogic(views.scene)
     result = logic.detect(node, model=BUNDLED_MODEL, device="cpu")
+    logic.setOpacity(0.5)  # what the panel does after a detection, at its default opacity
     logic.showResults()
     centre_ras = np.asarray(LESION_CENTRE_LPS) * (-1.0, -1.0, 1.0)
     png = tmp_path / "lesion.png"
     pixels, xy_to_ras = views.render("Red", float(centre_ras[2]), png)
     assert png.is_file()
+    if os.environ.get("RA_WRITE_DOC_IMAGES") == "1":
+        DOC_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+        DOC_IMAGE.write_bytes(png.read_bytes())
+    assert DOC_IMAGE.is_file(), f"{DOC_IMAGE} is missing: run this test with RA_WRITE_DOC_IMAGES=1 to write it"
+    documented = numpy_support.vtk_to_numpy(read_png(DOC_IMAGE).GetPointData().GetScalars())
+    rendered = numpy_support.vtk_to_numpy(read_png(png).GetPointData().GetScalars())
+    assert documented.shape == rendered.shape, "the documented slice view has another size: write it again"
+    same = np.all(np.abs(documented.astype(int) - rendered.astype(int)) <= 10, axis=-1).mean()
+    assert same > 0.98, (f"the slice view in docs/SLICER.md is no longer the panel's result ({same:.1%} of its "
+                         "pixels agree): run this test with RA_WRITE_DOC_IMAGES=1 and look at the new picture")
 
     distance = np.linalg.norm(ras_of_pixels(xy_to_ras, pixels.shape[:2]) - centre_ras, axis=-1)
     brain = sample(result.anomalyMapNode, xy_to_ras, pixels.shape[:2]) > 0
@@ -145,3 +165,17 @@ def test_the_demo_model_flags_a_synthetic_lesion_in_the_rendered_slice(tmp_path)
     assert in_lesion > 0.3, f"only {in_lesion:.0%} of the lesion's pixels are flagged"
     assert elsewhere < 0.1, f"{elsewhere:.0%} of the brain far from the lesion is flagged"
     assert in_lesion > 5 * elsewhere
+
+
+def test_the_sample_helper_puts_ra_demos_lesion_into_a_volume_node():
+    """What the self-test and the user guide use: the bundled sample loaded by MRML, `ra demo`'s lesion written into
+    the node's voxels through RALogic (the panel needs nothing of the engine), on the node's own grid."""
+    views = ViewScene()
+    node = load_volume(views.scene, sampleScanPath(), "RAColin27Head")
+    matrix = ijk_to_ras(node)
+    lesion = insertSyntheticLesion(node)
+    scan, truth = insert_lesion(read_image(TEST_SCAN))
+    assert lesion.dtype == bool and lesion.shape == voxels(node).shape and lesion.sum() > 1000
+    np.testing.assert_array_equal(lesion, truth.astype(bool))
+    np.testing.assert_allclose(voxels(node), scan.array, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(ijk_to_ras(node), matrix)

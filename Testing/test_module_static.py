@@ -1,15 +1,19 @@
 """Static checks of the Slicer-facing files, without the Slicer application: the module's Python against its .ui
-file and RALogic's API, the CMake files against the tree, the Extensions Index entry, the licence.
+file and RALogic's API, what the module imports, its version check, translation and help, the CMake files against
+the tree, the Extensions Index entry against the index's JSON schema, the licence.
 
 RAModule.py needs Slicer's `qt` and `ScriptedLoadableModule`, which only the application has, so it is read with
-`ast` here; RALogic is imported for real (slicer-core provides MRML).
+`ast` here, and imported once with stand-ins for those to run its version check; RALogic is imported for real
+(slicer-core provides MRML).
 """
 import ast
 import hashlib
+import importlib.util
 import json
 import re
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -30,8 +34,11 @@ INTERACTIVE = {"QPushButton", "QToolButton", "QComboBox", "QCheckBox", "QSpinBox
 # The engine's packages that Slicer does not ship: installed on first use (PyTorch through the PyTorch extension).
 NOT_IN_SLICER = {"torch", "torchvision", "lpips", "skimage", "safetensors", "platformdirs", "tqdm", "sklearn",
                  "matplotlib"}
-# What RAModule.py may import at module level: Slicer loads it at start-up, before PyTorch may be installed.
+# What RAModule.py may import at module level: Slicer loads it at start-up, before PyTorch (or the project's packages)
+# may be installed. Anywhere in it: also RALogic, the one way to the engine, and Slicer's Sample Data module.
 MODULE_LEVEL_IMPORTS = {"qt", "ctk", "vtk", "slicer"} | set(sys.stdlib_module_names)
+MODULE_IMPORTS = MODULE_LEVEL_IMPORTS | {"RALogic", "SampleData"}
+INDEX_SCHEMA = REPO / "Testing" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 
 
 def module_tree() -> ast.Module:
@@ -75,8 +82,10 @@ def module_level_statements(body):
 # ---------------------------------------------------------------------------------------------------------------
 # RAModule.py and RAModule.ui
 # ---------------------------------------------------------------------------------------------------------------
-def test_module_parses_on_the_oldest_supported_python():
-    ast.parse(MODULE_PY.read_text(), feature_version=(3, 10))
+def test_module_parses_on_python_3_6():
+    """Slicer 4.11 (Python 3.6) and later can load the file, so that an unsupported Slicer shows the module's message
+    instead of an empty panel (Testing/test_python_versions.py checks the supported Pythons' features)."""
+    ast.parse(MODULE_PY.read_text(), feature_version=(3, 6))
 
 
 def test_every_ui_name_the_module_uses_is_a_widget_in_the_ui_file():
@@ -127,7 +136,22 @@ def test_module_has_the_scripted_module_classes():
     assert classes.get("RAModule") == ["ScriptedLoadableModule"]
     assert classes.get("RAModuleWidget") == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
     assert classes.get("RAModuleTest") == ["ScriptedLoadableModuleTest"]
-    assert 'self.parent.title = "Anomaly Detection (RA)"' in MODULE_PY.read_text()
+
+
+def test_title_category_and_help_are_translatable_with_a_documentation_link():
+    """As Slicer 5.6+ modules do: the title and help through `_` (slicer.i18n.tr), the category through
+    translate("qSlicerAbstractCoreModule", ...); with a plain stand-in where Slicer has no slicer.i18n."""
+    text = MODULE_PY.read_text()
+    assert 'self.parent.title = _("Anomaly Detection (RA)")' in text
+    assert module_constant("TITLE") == "Anomaly Detection (RA)"
+    assert 'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]' in text
+    assert "self.parent.helpText = _(" in text and "self.parent.acknowledgementText = _(" in text
+    assert "from slicer.i18n import tr as _" in text and "except ImportError:" in text
+    help_text = next(node.value for node in ast.walk(module_tree()) if isinstance(node, ast.Assign)
+                     and ast.unparse(node.targets[0]) == "self.parent.helpText")
+    assert "DOCUMENTATION_URL" in ast.unparse(help_text), "the help links to the user guide"
+    assert module_constant("DOCUMENTATION_URL") == extension_variables()["EXTENSION_HOMEPAGE"]
+    assert module_constant("DOCUMENTATION_URL").endswith("/docs/SLICER.md")
 
 
 def test_self_test_runs_every_test_method():
@@ -154,10 +178,85 @@ def test_module_imports_nothing_heavy_at_module_level():
                        f"them inside functions: {heavy}")
 
 
+def test_module_imports_only_ralogic_slicer_qt_ctk_vtk_and_the_standard_library():
+    """The panel talks to the logic only: no import of ra_engine, numpy or torch, at module level or in a
+    function (its self-test included); whatever it needs, RALogic offers."""
+    wrong = []
+    for node in ast.walk(module_tree()):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if node.level == 0 else ["(relative import)"]
+        else:
+            continue
+        wrong += [f"line {node.lineno}: {name}" for name in names if name.split(".")[0] not in MODULE_IMPORTS]
+    assert not wrong, "RAModule.py reaches past RALogic (give RALogic what it needs):\n" + "\n".join(wrong)
+
+
 def test_sample_data_checksum_matches_the_bundled_scan():
-    resource = REPO / "ra_engine" / "resources" / Path(*module_constant("SAMPLE_RESOURCE"))
-    assert hashlib.sha256(resource.read_bytes()).hexdigest() == module_constant("SAMPLE_SHA256")
-    assert (MODULE_DIR / "Resources" / "Icons" / f"{module_constant('SAMPLE_NAME')}.png").is_file()
+    from RALogic.sample import SAMPLE_NAME, SAMPLE_SHA256, sampleScanPath
+
+    assert sampleScanPath() == REPO / "ra_engine" / "resources" / "reference" / "head.nii.gz"
+    assert hashlib.sha256(sampleScanPath().read_bytes()).hexdigest() == SAMPLE_SHA256
+    assert (MODULE_DIR / "Resources" / "Icons" / f"{SAMPLE_NAME}.png").is_file()
+
+
+def load_module_with_stand_ins(monkeypatch, major: int, minor: int):
+    """RAModule.py imported with stand-ins for what only the Slicer application has (qt, ScriptedLoadableModule,
+    slicer.app of version major.minor); slicer-core's slicer.util and vtk are real."""
+    import slicer
+
+    class Stand:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, Stand)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(majorVersion=major, minorVersion=minor), raising=False)
+    spec = importlib.util.spec_from_file_location("RAModuleUnderTest", MODULE_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("version", [(4, 11), (5, 2), (5, 4)])
+def test_an_older_slicer_gets_a_message_instead_of_an_empty_panel(monkeypatch, version):
+    module = load_module_with_stand_ins(monkeypatch, *version)
+    message = module.supportProblem()
+    assert message and "needs 3D Slicer 5.6 or later" in message and "{}.{}".format(*version) in message
+
+
+@pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 10)])
+def test_a_supported_slicer_gets_the_panel(monkeypatch, version):
+    assert load_module_with_stand_ins(monkeypatch, *version).supportProblem() is None
+
+
+def test_packages_that_cannot_be_loaded_are_explained_in_the_panel(monkeypatch):
+    """RALogic not installed, or not valid on this Slicer's Python: the panel says so and how to install it."""
+    module = load_module_with_stand_ins(monkeypatch, 5, 8)
+    for name in [m for m in sys.modules if m == "RALogic" or m.startswith("RALogic.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "RALogic":
+                raise SyntaxError("invalid syntax (logic.py, line 1)")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    message = module.supportProblem()
+    assert "cannot be loaded" in message and "SyntaxError" in message and "pip install --no-deps -e" in message
+
+
+def test_the_version_stated_in_the_docs_is_the_one_checked():
+    minimum = "{}.{}".format(*module_constant("MINIMUM_SLICER_VERSION"))
+    guide = (REPO / "docs" / "SLICER.md").read_text()
+    assert f"{minimum} or later" in guide and "5.8" in guide and "5.10" in guide
+    readme = (REPO / "README.md").read_text()
+    assert f"Slicer {minimum}" in readme
 
 
 def test_module_uses_only_what_ralogic_provides():
@@ -174,12 +273,13 @@ def test_module_uses_only_what_ralogic_provides():
                         if not hasattr(module, a.name)]
     assert not missing, f"RAModule.py imports names that do not exist: {missing}"
 
-    from RALogic import RALogic
+    from RALogic import DetectionTask, RALogic
     from RALogic.launcher import TrainingProcess
     from RALogic.models import ModelManager
 
     receivers = {"self.logic": RALogic, "logic": RALogic, "widget.logic": RALogic, "self.models": ModelManager,
-                 "self._training": TrainingProcess, "process": TrainingProcess}
+                 "self._training": TrainingProcess, "process": TrainingProcess, "self._detection": DetectionTask,
+                 "task": DetectionTask}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and ast.unparse(node.value) in receivers:
             cls = receivers[ast.unparse(node.value)]
@@ -224,8 +324,9 @@ class Absent(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Absent())
 import slicer
-import RALogic, RALogic.launcher, RALogic.dependencies, RALogic.models, RALogic.outputs, ra_engine
-from RALogic import RALogic as Logic, SceneClosed
+import RALogic, RALogic.launcher, RALogic.dependencies, RALogic.models, RALogic.outputs, RALogic.sample, ra_engine
+import RALogic.worker, RALogic.detectjob
+from RALogic import RALogic as Logic, SceneClosed, Cancelled
 from RALogic.models import ModelManager
 from RALogic.dependencies import dependencyMessage, missingDependencies
 Logic(scene=slicer.vtkMRMLScene()).parameters.report
@@ -413,31 +514,33 @@ def test_icon_and_screenshot_urls_name_files_in_the_repository():
 # ---------------------------------------------------------------------------------------------------------------
 # Extensions Index entry, licence
 # ---------------------------------------------------------------------------------------------------------------
-INDEX_KEYS = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-              "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
-              "tier": int}  # slicer-extension-catalog-entry-schema v1.0.2
-
-
 def test_extensions_index_entry_is_valid_and_agrees_with_cmake():
+    """The entry validates against the Extensions Index's JSON schema (the version it names; a copy is kept in
+    Testing/schemas), as the index's own check does, and says what CMakeLists.txt says."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the test extra of pyproject.toml")
     entries = list(EXTENSION_DIR.glob("*.json"))
     assert len(entries) == 1
     entry = json.loads(entries[0].read_text())
     assert entries[0].stem == "RAExtension", "the Extensions Index file is named after the extension (project())"
-    assert {"$schema", "category", "scm_url"} <= set(entry), "required by the schema"
-    assert set(entry) <= set(INDEX_KEYS), f"keys the schema does not allow: {set(entry) - set(INDEX_KEYS)}"
-    for key, value in entry.items():
-        expected = INDEX_KEYS[key]
-        assert (isinstance(value, bool) if expected is bool
-                else isinstance(value, expected) and not isinstance(value, bool)), f"{key}: {value!r}"
-    assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
-                        r"slicer-extension-catalog-entry-schema-v1\.0\.\d+\.json#", entry["$schema"])
-    assert 1 <= entry.get("tier", 1) <= 5
-    assert all(isinstance(d, str) for d in entry.get("build_dependencies", []))
+    schema = json.loads(INDEX_SCHEMA.read_text())
+    assert entry["$schema"] == schema["$id"], f"the entry names {entry['$schema']}; the copy kept is {schema['$id']}"
+    jsonschema.validate(entry, schema, cls=jsonschema.Draft7Validator)
     meta = extension_variables()
     assert entry["category"] == meta["EXTENSION_CATEGORY"]
     assert sorted(entry.get("build_dependencies", [])) == sorted(meta["EXTENSION_DEPENDS"].split())
+    assert entry["scm_url"].startswith("https://"), "the index accepts git or https addresses"
     repository = re.match(r"https://github\.com/[^/]+/[^/]+", meta["EXTENSION_HOMEPAGE"]).group(0)
     assert entry["scm_url"].removesuffix(".git") == repository
+
+
+def test_the_schema_check_refuses_what_the_index_refuses():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(INDEX_SCHEMA.read_text())
+    good = json.loads((EXTENSION_DIR / "RAExtension.json").read_text())
+    for bad in ({k: v for k, v in good.items() if k != "scm_url"}, {**good, "tier": 6}, {**good, "homepage": "x"},
+                {**good, "build_dependencies": "PyTorch"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema, cls=jsonschema.Draft7Validator)
 
 
 def test_licence_is_the_apache_2_text_that_pyproject_declares():

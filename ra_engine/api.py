@@ -26,6 +26,7 @@ from ra_engine.core.errors import Cancelled, DataError, ModelError, RAError
 from ra_engine.core.image import Geometry, Image
 from ra_engine.core.progress import Progress, ProgressFn
 from ra_engine.core.resources import BUNDLED_MODELS_DIR, DEVICE_CHOICES
+from ra_engine.core.samples import LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN, insert_lesion
 from ra_engine.io.images import read_image, write_image
 from ra_engine.io.sources import Source, list_sources
 from ra_engine.models.card import ModelCard, read_card
@@ -48,14 +49,13 @@ from ra_engine.thresholds.table import (
 from ra_engine.training.config import METHODS, AcquisitionConfig, AugmentConfig, LossWeights, TrainConfig
 
 __all__ = [
-    "AcquisitionConfig", "ArchConfig", "AugmentConfig", "BUNDLED_MODELS_DIR", "Calibration", "Cancelled", "DataError", "DEFAULT_FLAG_RATE",
-    "DEVICE_CHOICES", "FLAG_RATES", "IMAGE_SCORES", "SCORE_KINDS",
-    "Geometry", "Image", "LossWeights", "METHODS", "ModelCard", "ModelError", "PRESETS", "PresetConfig", "Progress",
-    "ProgressFn",
-    "RAError", "Source", "TrainConfig", "calibrate", "detect", "detect_files", "evaluate", "import_model",
-    "list_models", "list_sources", "load_model", "make_scorer", "models_dir", "preset_config", "read_card", "read_image",
-    "remove_model", "resolve_model", "resolve_threshold", "save_detection", "train", "validate_flag_rate",
-    "write_image",
+    "AcquisitionConfig", "ArchConfig", "AugmentConfig", "BUNDLED_MODELS_DIR", "Calibration", "Cancelled", "DataError",
+    "DEFAULT_FLAG_RATE", "DEVICE_CHOICES", "FLAG_RATES", "Geometry", "Image", "IMAGE_SCORES", "LESION_CENTRE_LPS",
+    "LESION_RADIUS_MM", "LossWeights", "METHODS", "ModelCard", "ModelError", "PresetConfig", "PRESETS", "Progress",
+    "ProgressFn", "RAError", "SCORE_KINDS", "Source", "TEST_SCAN", "TrainConfig", "calibrate", "detect", "detect_files",
+    "evaluate", "import_model", "insert_lesion", "list_models", "list_sources", "load_model", "make_scorer",
+    "models_dir", "preset_config", "read_card", "read_image", "remove_model", "resolve_model", "resolve_threshold",
+    "save_detection", "train", "validate_flag_rate", "write_image",
 ]
 
 
