@@ -17,7 +17,7 @@ from vtk.util import numpy_support
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, voxels
 from ra_engine.core.samples import insert_lesion, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN
-from ra_engine.demo import BUNDLED_MODEL
+from ra_engine.demo import SMALL_MODEL as BUNDLED_MODEL
 from ra_engine.io.images import read_image
 from RALogic import RALogic
 from RALogic.geometry import ras_of_index
