@@ -11,7 +11,7 @@ from ra_engine.cli.detect import add_detect_parser
 from ra_engine.cli.eval import add_eval_parser
 from ra_engine.cli.models import add_models_parser
 from ra_engine.cli.train import add_train_parser
-from ra_engine.core.errors import RAError
+from ra_engine.core.errors import Cancelled, RAError
 from ra_engine.core.resources import VERSION
 
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = ["ra", *argv]  # recorded in model cards, so that every result can be reproduced
     try:
         return args.run(args)
+    except Cancelled as exc:  # stopped on request (a progress callback, a stop file, a signal): resumable
+        print(f"ra {args.command}: {exc}", file=sys.stderr)
+        return 130
     except RAError as exc:
         print(f"ra {args.command}: error: {exc}", file=sys.stderr)
         return 2

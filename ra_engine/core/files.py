@@ -32,11 +32,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except WriteError:  # a nested atomic write (a model's card inside its weights' write) said it already
+        raise
     except OSError as exc:
         raise WriteError(f"could not write {path}: {error_text(exc)} ({hint})") from exc
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # a read-only folder, where nothing could be created either: the error above is the one
+            pass
     return path
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files that `atomic_write` calls killed mid-write (SIGKILL, a power cut) left in
+    `folder`; the files they were to replace are intact. Returns what was removed."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from ra_engine.core.errors import DataError
+from ra_engine.core.errors import DataError, error_text
+from ra_engine.core.files import WriteError
 from ra_engine.core.image import Image
 from ra_engine.detection.overlay import overlay_png
 from ra_engine.detection.result import Detection
@@ -71,7 +72,7 @@ def write_outputs(job: OutputJob, image: Image, found: Detection, detections: Im
     an input gets all its outputs or none. The three maps and the overlay are written by WRITER_THREADS threads
     while this thread makes the report (`report`: the report, or a function that makes it) and writes it (one
     after the other for maps over PARALLEL_WRITE_MAX_BYTES); a failure of any writer removes every temporary file
-    and is raised once all have stopped. Returns the report."""
+    and is raised once all have stopped (a `WriteError` for a full disk or a read-only folder). Returns the report."""
     plane = max(image.array.shape[-2:])
     made: dict = {}
     writers: dict[str, Callable[[Path], object]] = {  # largest first: the pseudo-healthy map compresses worst
@@ -103,7 +104,15 @@ def write_outputs(job: OutputJob, image: Image, found: Detection, detections: Im
                     future.result()  # the first failure, if any
         for kind in writers:
             os.replace(temporaries[kind], job.path(kind))
+    except WriteError:
+        raise
+    except OSError as exc:  # the report's write, a rename: a full disk, a read-only folder
+        raise WriteError(f"could not write the outputs of {job.name} into {job.out}: {error_text(exc)} (check free "
+                         "disk space and write permission); none of its outputs was written") from exc
     finally:
         for temporary in temporaries.values():
-            temporary.unlink(missing_ok=True)
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:  # a read-only folder holds no temporary file to remove
+                pass
     return made["report"]

@@ -118,8 +118,8 @@ def validate_image(image: Image) -> None:
         raise DataError(f"{name}: its geometry is {image.geometry.dimension}D but its array is {array.ndim}D")
     geometry = image.geometry
     if not all(math.isfinite(s) and s > 0 for s in geometry.spacing):
-        raise DataError(f"{name} has a non-positive or non-finite voxel spacing {geometry.spacing}: fix the file's "
-                        f"header")
+        raise DataError(f"{name} has a non-positive voxel spacing, or one that is not a number, "
+                        f"{geometry.spacing}: fix the file's header")
     direction = np.asarray(geometry.direction, dtype=np.float64).reshape(array.ndim, array.ndim)
     if not (np.isfinite(geometry.origin).all() and np.isfinite(direction).all()
             and abs(np.linalg.det(direction)) > 1e-6):
@@ -229,8 +229,13 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             end = _nifti_data_end(f.read(540))
-        if end is None:
-            return
+    except (EOFError, zlib.error) as error:  # a gzip stream that ends inside the header
+        raise DataError(f"{damaged} ({error_text(error)})") from error
+    except OSError:  # not gzip at all, or unreadable: ITK's reading says what it is
+        return
+    if end is None:
+        return
+    try:
         if not compressed:
             if os.path.getsize(path) < end:
                 raise DataError(damaged)
@@ -253,8 +258,15 @@ def _check_nifti_complete(path: Path) -> None:
 
 
 def _check_picture_complete(path: Path, fmt: str) -> None:
-    """DataError for a JPEG or BMP file cut short, which ITK reads without an error (the missing rows grey or
-    black); Pillow tells. Files Pillow cannot judge are left to ITK."""
+    """DataError for a JPEG or BMP file that ITK would read without an error though it is cut short (the missing
+    rows grey or black), or, for a BMP, that could crash ITK's decoder: a BMP whose header does not describe an
+    uncompressed image that fits in the file, a JPEG that Pillow finds truncated (files Pillow cannot judge are left
+    to ITK)."""
+    truncated = (f"{path} is truncated: the {fmt.upper()} file ends before its last pixels (an interrupted copy or "
+                 f"download?); copy or export it again")
+    if fmt == "bmp":
+        _check_bmp(path, truncated)
+        return
     from PIL import Image as Picture  # Pillow: a dependency, imported only here (Slicer loads ra_engine early)
 
     try:
@@ -262,10 +274,29 @@ def _check_picture_complete(path: Path, fmt: str) -> None:
             picture.load()
     except OSError as error:
         if "truncated" in str(error):
-            raise DataError(f"{path} is truncated: the {fmt.upper()} file ends before its last pixels (an "
-                            f"interrupted copy or download?); copy or export it again") from error
+            raise DataError(truncated) from error
     except Exception:  # a variant Pillow does not decode: ITK's reading decides
         pass
+
+
+def _check_bmp(path: Path, truncated: str) -> None:
+    """A BMP with a Windows header (BITMAPINFOHEADER or later) must be uncompressed (or bit fields) and hold all its
+    rows: ITK's decoder of run-length compressed BMPs crashes the process on damaged data."""
+    with open(path, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or header[:2] != b"BM" or struct.unpack("<I", header[14:18])[0] < 40:
+        return  # not a BMP ITK takes for one, or an OS/2 header: ITK's reading says what it is
+    file_size, offset = struct.unpack("<I", header[2:6])[0], struct.unpack("<I", header[10:14])[0]
+    width, height, _, bits, compression = struct.unpack("<iiHHI", header[18:34])
+    if compression not in (0, 3):
+        raise DataError(f"{path} is a compressed BMP (compression {compression}), which is not read: convert it to "
+                        f"PNG")
+    if bits not in (1, 4, 8, 16, 24, 32) or width == 0 or height == 0:
+        raise DataError(f"{path} is a damaged BMP: its header gives {width} x {height} pixels of {bits} bits; export "
+                        f"it again")
+    rows = (bits * abs(width) + 31) // 32 * 4 * abs(height)
+    if os.path.getsize(path) < max(file_size, offset + rows):
+        raise DataError(truncated)
 
 
 def _from_sitk(image: sitk.Image, path: Path, metadata: dict) -> Image:
@@ -332,9 +363,35 @@ def _read_dicom_series(folder: Path) -> Image:
         value = reader.GetMetaData(0, key).strip() if reader.HasMetaDataKey(0, key) else ""
         return value or None
 
+    _check_slice_spacing(reader, image, folder)
     metadata = {"format": "dicom-series", "modality": tag("0008|0060"), "photometric": tag("0028|0004"),
                 "series_uid": uid, "files": len(files)}
     return _from_sitk(image, folder, metadata)
+
+
+# Slice positions of a series may vary by this share of their spacing (scanners round them); a larger gap is a
+# missing slice (a damaged or left-out file), which ITK would read onto an evenly spaced grid all the same.
+SLICE_SPACING_TOLERANCE = 0.2
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> None:
+    """DataError when the slices of a DICOM series (their ImagePositionPatient along the slice normal) are not
+    evenly spaced: a slice is missing or the series mixes stacks."""
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(len(reader.GetFileNames()))])
+    except (RuntimeError, ValueError):  # no positions to compare: ITK's reading stands
+        return
+    if positions.ndim != 2 or positions.shape != (len(reader.GetFileNames()), 3) or len(positions) < 3:
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.diff(np.sort(positions @ normal))
+    spacing = float(np.median(gaps))
+    if spacing > 0 and np.abs(gaps - spacing).max() > SLICE_SPACING_TOLERANCE * spacing:
+        at = int(np.argmax(np.abs(gaps - spacing)))
+        raise DataError(f"the DICOM series in {folder} is not evenly spaced: slices {at + 1} and {at + 2} (by "
+                        f"position) are {gaps[at]:.3g} mm apart where the others are {spacing:.3g} mm (a missing, "
+                        f"damaged or extra slice file?); check that every file of the series is there and intact")
 
 
 def _read_dicom_file(path: Path) -> Image:

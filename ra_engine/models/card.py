@@ -165,7 +165,7 @@ def read_card(directory: Path) -> ModelCard:
                          f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `ra train`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8 text, not JSON
         raise ModelError(f"model card {path} cannot be read: {exc}") from exc
     if not isinstance(data, dict):
         raise ModelError(f"model card {path} is not a JSON object")

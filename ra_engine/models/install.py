@@ -2,14 +2,17 @@
 https, file) of such a .zip. An archive can be checked against a sha256 given by its publisher, and every model's
 weights are checked against the sha256 in its card (and loaded into its architecture) before it is registered.
 Imports are atomic: a model is unpacked and checked in a hidden folder beside the others and only then renamed into
-place, so the registry never shows a half-copied or unchecked model. Archives with absolute paths, `..` or links are
-refused whole.
+place, so the registry never shows a half-copied or unchecked model. Archives with absolute paths, `..` or links, or
+that would unpack to more than MAX_UNPACKED_BYTES or at a ratio above MAX_RATIO (a "zip bomb"), are refused whole;
+a download that ends before its announced length is refused.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,6 +29,11 @@ from ra_engine.models.modeldir import load_model
 from ra_engine.models.registry import NAME_PATTERN, check_name, models_dir
 
 URL_SCHEMES = ("http://", "https://", "file://")
+# A model directory is two files: the paper's network is 120 MB of weights. An archive that unpacks to more, or whose
+# large entries shrank more than MAX_RATIO times (weights barely compress), is not a model.
+MAX_UNPACKED_BYTES = 4 * 2**30
+MAX_RATIO = 100
+RATIO_CHECKED_ABOVE = 2**20
 
 
 
@@ -57,7 +65,10 @@ def download(url: str, dest: Path, progress: ProgressFn | None = None, timeout_s
                 done += len(block)
                 if progress is not None and progress(done, total) is False:
                     raise Cancelled(f"download of {url} cancelled")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+            if total is not None and done != total:
+                raise ModelError(f"cannot download {url}: the connection ended after {done} of its {total} bytes; "
+                                 f"nothing was imported, try again")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         dest.unlink(missing_ok=True)
         raise ModelError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
     except BaseException:
@@ -80,13 +91,24 @@ def _unpack(archive: Path, dest: Path) -> None:
     with `..`, or is a symbolic link."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            bad = [m.filename for m in zf.infolist() if _unsafe_member(m)]
+            members = zf.infolist()
+            bad = [m.filename for m in members if _unsafe_member(m)]
             if bad:
                 raise ModelError(f"{archive.name} holds entries that would be written outside the model folder or "
                                  f"are links ({', '.join(bad[:5])}): the archive was refused")
-            zf.extractall(dest)
+            total = sum(m.file_size for m in members)
+            bombs = [m.filename for m in members
+                     if m.file_size > RATIO_CHECKED_ABOVE and m.file_size > MAX_RATIO * max(m.compress_size, 1)]
+            if total > MAX_UNPACKED_BYTES or bombs:
+                raise ModelError(f"{archive.name} would unpack to {total} bytes"
+                                 f"{f' ({bombs[0]} at more than {MAX_RATIO} times its packed size)' if bombs else ''}"
+                                 f", more than a model directory holds (at most {MAX_UNPACKED_BYTES} bytes): the "
+                                 f"archive was refused")
+            zf.extractall(dest)  # each entry's output is bounded by its listed size (zipfile checks it and the CRC)
     except zipfile.BadZipFile as exc:
-        raise ModelError(f"{archive.name} is not a zip archive of a model directory ({exc})") from exc
+        kind = "a tar archive, which is not imported (unpack it and import the folder, or give a .zip)" if (
+            tarfile.is_tarfile(archive)) else "not a zip archive of a model directory"
+        raise ModelError(f"{archive.name} is {kind} ({exc})") from exc
 
 
 def _model_root(folder: Path, origin: str) -> Path:
@@ -122,8 +144,12 @@ def import_model(source: str | Path, name: str | None = None, sha256: str | None
         check_name(name)
         _refuse_existing(name, overwrite)
     registry = models_dir()
-    registry.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=registry))
+    try:
+        registry.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=registry))
+    except OSError as exc:
+        raise ModelError(f"cannot write into the model registry {registry}: {exc} (check its permissions, or set "
+                         f"RA_MODELS_DIR to a writable folder); nothing was imported") from exc
     try:
         if path is not None and path.is_dir():
             read_card(path)  # a model directory, not e.g. a whole run folder, before anything is copied
@@ -147,6 +173,9 @@ def import_model(source: str | Path, name: str | None = None, sha256: str | None
             name = card_name
             _refuse_existing(name, overwrite)
         return _install(root, registry / name, overwrite)
+    except OSError as exc:  # a full disk or a read-only registry while copying, unpacking or renaming
+        raise ModelError(f"cannot import {source} into {registry}: {exc} (check free disk space and write "
+                         f"permission); nothing was imported") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

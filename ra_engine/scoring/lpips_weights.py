@@ -216,7 +216,7 @@ def _download_backbone(net: str) -> dict[str, torch.Tensor]:
     import torchvision.models as tvm
 
     weights = {"alex": tvm.AlexNet_Weights, "vgg": tvm.VGG16_Weights}[net].IMAGENET1K_V1
-    return _backbone_only(weights.get_state_dict(progress=False))
+    return _backbone_only(weights.get_state_dict(progress=False, weights_only=True, check_hash=True))
 
 
 def _find_backbone(net: str, weights: str | os.PathLike | None) -> tuple[dict[str, torch.Tensor], str]:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ra_engine.calibration.calibrate import calibrate_model
-from ra_engine.core.errors import DataError, RAError
-from ra_engine.core.files import common_root, file_fingerprint
+from ra_engine.core.errors import DataError, RAError, error_text
+from ra_engine.core.files import WriteError, common_root, file_fingerprint, remove_temporaries
 from ra_engine.core.image import Image
 from ra_engine.core.progress import Progress
 from ra_engine.io.sources import list_sources
@@ -78,6 +78,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "checkpoints" / "latest.pt").is_file():
             raise RAError(f"nothing to resume in {out}: it has no checkpoints/latest.pt (drop --resume to start)")
+        for folder in ("checkpoints", "model"):  # what a killed run was writing when it died
+            remove_temporaries(out / folder)
         return
     if existing and not overwrite:
         raise RAError(f"output folder {out} already exists and is not empty: pass --resume to continue that run, "
@@ -131,11 +133,17 @@ def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config
     created = not out.exists()
     handler = None
     try:
-        if rank == 0:
-            prepare_run_dir(out, resume, overwrite)
-            handler = _log_to(out / "train.log")
-        prepared = _prepare_data(sources, preset, out, cache_dir, workers, val_fraction, held_out, config.seed,
-                                 progress, group)
+        try:
+            if rank == 0:
+                prepare_run_dir(out, resume, overwrite)
+                handler = _log_to(out / "train.log")
+            prepared = _prepare_data(sources, preset, out, cache_dir, workers, val_fraction, held_out, config.seed,
+                                     progress, group)
+        except OSError as exc:
+            if isinstance(exc, RAError):
+                raise
+            raise WriteError(f"cannot write the run folder {out}: {error_text(exc)} (check free disk space and "
+                             f"write permission, or choose another --out)") from exc
     except BaseException:
         if created and rank == 0:
             shutil.rmtree(out, ignore_errors=True)

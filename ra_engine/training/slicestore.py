@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 import SimpleITK as sitk
 
-from ra_engine.core.errors import Cancelled, DataError, RAError
+from ra_engine.core.errors import Cancelled, DataError, RAError, error_text
+from ra_engine.core.files import WriteError
 from ra_engine.core.image import Image
 from ra_engine.core.progress import Progress
 from ra_engine.io.images import read_image
@@ -110,14 +111,20 @@ class SliceStore:
             except (pickle.PicklingError, AttributeError, TypeError) as error:
                 raise TypeError(f"workers > 0 needs a picklable preprocess function ({error}): use a module-level "
                                 f"function or functools.partial") from error
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        (cache_dir / MANIFEST).unlink(missing_ok=True)  # from here on the old store is no longer complete
-        work = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
         try:
-            outcomes = _preprocess_all(sources, preprocess, work, workers, progress)
-            _assemble(sources, outcomes, work, cache_dir, _normalised(fingerprint), min_fraction)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            (cache_dir / MANIFEST).unlink(missing_ok=True)  # from here on the old store is no longer complete
+            work = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+            try:
+                outcomes = _preprocess_all(sources, preprocess, work, workers, progress)
+                _assemble(sources, outcomes, work, cache_dir, _normalised(fingerprint), min_fraction)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        except WriteError:
+            raise
+        except OSError as exc:  # a full disk or a read-only folder: no store is left that looks complete
+            raise WriteError(f"could not write the slice cache in {cache_dir}: {error_text(exc)} (free disk space, "
+                             f"or give a cache folder on another disk with --cache-dir)") from exc
         return cls(cache_dir)
 
 
