@@ -1,10 +1,13 @@
 """`ra demo` end to end (a few iterations): the README's main command on bundled data, offline."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ra_engine.cli import main
+from ra_engine.core.resources import BUNDLED_MODELS_DIR
+from ra_engine.demo import BRAIN_MODEL, SMALL_MODEL
 from ra_engine.io.images import read_image
 
 
@@ -36,14 +39,15 @@ def test_demo_trains_calibrates_and_writes_results_on_the_scans_grid(tmp_path, a
 
 
 def test_demo_with_the_bundled_model_flags_the_synthetic_lesion(tmp_path, alex_safetensors, monkeypatch, capsys):
-    """The README's main command as it runs by default: the bundled brain-t1-demo model, no training."""
+    """The README's main command as it runs by default: the bundled brain model, no training."""
     monkeypatch.setenv("RA_LPIPS_WEIGHTS", str(alex_safetensors))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     assert not (out / "run").exists(), "nothing is trained"
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["model"].endswith("brain-t1-demo")
+    bundled = BRAIN_MODEL if (BUNDLED_MODELS_DIR / BRAIN_MODEL).is_dir() else SMALL_MODEL
+    assert Path(summary["model"]).name == bundled
     assert summary["lesion_detected"] and summary["lesion_fraction_flagged"] > 0.5
     assert summary["mean_anomaly_in_lesion"] > 2 * summary["mean_anomaly_in_normal_brain"]
     assert summary["normal_fraction_flagged"] < 0.2
-    assert "bundled demonstration model" in capsys.readouterr().err
+    assert f"using the bundled model {bundled}" in capsys.readouterr().err
