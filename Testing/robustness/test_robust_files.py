@@ -6,6 +6,7 @@ refused with a DataError, never with another exception; and `ra detect` reports 
 it while the other inputs are done."""
 from __future__ import annotations
 
+import locale
 import shutil
 import warnings
 from pathlib import Path
@@ -114,8 +115,10 @@ def test_a_dicom_series_missing_a_slice_is_refused(tmp_path, damage):
         files[4].write_bytes(files[4].read_bytes()[:1000])
     else:
         files[4].unlink()
+    before = locale.setlocale(locale.LC_ALL)
     with pytest.raises(DataError, match="not evenly spaced"):
         read_image(tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before, "GDCM's C locale does not outlive the read"
 
 
 @pytest.mark.long

@@ -11,6 +11,8 @@ import gzip
 import math
 import os
 import struct
+import contextlib
+import locale
 import warnings
 import zlib
 from pathlib import Path
@@ -79,6 +81,18 @@ def file_format(path: str | Path) -> str | None:
     return fmt
 
 
+@contextlib.contextmanager
+def kept_locale():
+    """Restores the process's locale after ITK's readers: GDCM sets the C locale on some damaged DICOM files, after
+    which every text file and subprocess output of the process (Slicer's too) would be decoded as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_image(path: str | Path, *, validate: bool = True) -> Image:
     """Reads a scan or radiograph. `path`: an image file, or a folder holding a DICOM series (the largest series when
     it holds several, with a warning). Returns a float32 array (z, y, x) or (y, x) with LPS geometry (x, y, z);
@@ -88,7 +102,8 @@ def read_image(path: str | Path, *, validate: bool = True) -> Image:
     if not path.exists():
         raise DataError(f"{path} does not exist: check the path (relative paths start at {Path.cwd()})")
     if path.is_dir():
-        image = _read_dicom_series(path)
+        with kept_locale():
+            image = _read_dicom_series(path)
     else:
         fmt = file_format(path)
         if fmt is None:
@@ -98,7 +113,9 @@ def read_image(path: str | Path, *, validate: bool = True) -> Image:
             _check_nifti_complete(path)
         elif fmt in ("jpeg", "bmp"):
             _check_picture_complete(path, fmt)
-        image = _read_dicom_file(path) if fmt == "dicom" else _from_sitk(_sitk_read(path, fmt), path, {"format": fmt})
+        with kept_locale():
+            image = (_read_dicom_file(path) if fmt == "dicom"
+                     else _from_sitk(_sitk_read(path, fmt), path, {"format": fmt}))
     if validate:
         validate_image(image)
     return image

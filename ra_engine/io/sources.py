@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import SimpleITK as sitk
 
 from ra_engine.core.errors import DataError
-from ra_engine.io.images import file_format, split_extension
+from ra_engine.io.images import file_format, kept_locale, split_extension
 
 MASK_SUFFIXES = ("_mask", "_seg")
 
@@ -91,8 +91,9 @@ def _walk(folder: Path) -> list[Path]:
     dicom = [p for p, fmt in formats.items() if fmt == "dicom"]
     found = [p for p, fmt in formats.items() if fmt not in (None, "dicom")]
     if dicom:
-        series_sizes = [len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-                        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+        with kept_locale():
+            series_sizes = [len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+                            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
         found += [folder] if any(n > 1 for n in series_sizes) else dicom
     for sub in (p for p in entries if p.is_dir()):
         found += _walk(sub)
