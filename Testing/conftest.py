@@ -1,5 +1,6 @@
 """Shared fixtures: real LPIPS weights and reference images from registry packages (DATA.md), fetched with pip once
 per machine into <repo>/.cache/ (git-ignored)."""
+import locale
 import os
 import zipfile
 from pathlib import Path
@@ -9,6 +10,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 PYIQA = "pyiqa==0.1.16"
+
+
+@pytest.fixture(autouse=True)
+def _locale_kept():
+    """Fails the test after which the process's locale changed (GDCM sets the C locale on some damaged DICOM files;
+    every later text file and subprocess output of the process would then decode as ASCII), and restores it so
+    that the tests after it are not affected."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"the process's locale changed from {before!r} to {after!r} during this test")
 
 
 def _fetched(fetch):

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from skimage.transform import resize
 
 from ra_engine.core.image import Geometry, Image
+from ra_engine.io.images import kept_locale
 
 SLICE_SIZE = 32
 
@@ -67,7 +68,8 @@ def write_dicom_series(folder: Path, array: np.ndarray, geometry: Geometry, seri
         piece.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         files.append(folder / f"slice{k:03d}.dcm")
         writer.SetFileName(str(files[-1]))
-        writer.Execute(piece)
+        with kept_locale():  # GDCM's writer sets the C locale
+            writer.Execute(piece)
     return files
 
 

@@ -83,7 +83,7 @@ def file_format(path: str | Path) -> str | None:
 
 @contextlib.contextmanager
 def kept_locale():
-    """Restores the process's locale after ITK's readers: GDCM sets the C locale on some damaged DICOM files, after
+    """Restores the process's locale after ITK's readers and writers: GDCM sets the C locale on some DICOM files, after
     which every text file and subprocess output of the process (Slicer's too) would be decoded as ASCII."""
     saved = locale.setlocale(locale.LC_ALL)
     try:
@@ -171,7 +171,8 @@ def write_image(image: Image, path: str | Path, dtype: str | np.dtype | None = N
 
     def write(temporary: Path) -> None:
         try:
-            sitk.WriteImage(sitk_image, str(temporary), True)
+            with kept_locale():
+                sitk.WriteImage(sitk_image, str(temporary), True)
         except RuntimeError as error:  # ITK's failures (a full disk among them)
             raise OSError(error_text(error)) from error
 
