@@ -55,6 +55,24 @@ def test_an_existing_run_folder_is_refused_unless_resume_or_overwrite(radiograph
     assert ra_engine.load_model(out / "model").card.training.steps == 1
 
 
+def test_resume_follows_the_data_by_content_not_by_file_dates_or_place(radiographs, tmp_path, capsys):
+    import os
+    import shutil
+
+    out = tmp_path / "run"
+    assert train(radiographs, out, "--max-steps", "2") == 0
+    moved = tmp_path / "copied"
+    shutil.copytree(radiographs, moved, copy_function=shutil.copyfile)  # new dates, another folder
+    for path in moved.iterdir():
+        os.utime(path, (1e9, 1e9))
+    assert train(moved, out, "--max-steps", "3", "--resume") == 0
+    assert ra_engine.load_model(out / "model").card.training.steps == 3
+    changed = sorted(moved.iterdir())[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    assert train(moved, out, "--max-steps", "4", "--resume") == 2
+    assert "training data differ from the checkpoint" in capsys.readouterr().err
+
+
 def test_select_last_gives_the_last_iterations_weights_and_a_finished_run_can_be_exported_again(radiographs,
                                                                                                  tmp_path):
     from safetensors.torch import load_file

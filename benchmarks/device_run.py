@@ -182,8 +182,7 @@ def read_run_split(run: Path, store, config: dict) -> tuple[np.ndarray, np.ndarr
         raise DataError(f"{log} has no 'data: ...; held out: ...' line yet: wait until `ra train` has built its slice "
                         f"cache and started training, then prepare again")
     summary, held_out = ast.literal_eval(found.group(1)), ast.literal_eval(found.group(2))
-    fingerprint_hash = _sha256(json.dumps(store.fingerprint, sort_keys=True).encode())
-    if summary.get("sha256") != fingerprint_hash or summary.get("slices") != len(store):
+    if summary.get("sha256") != cache_identity(store) or summary.get("slices") != len(store):
         raise DataError(f"the slice cache {store.folder} is not the one {log} describes (fingerprint or slice count "
                         f"differ): the cache was rebuilt for other data; prepare from a consistent run folder")
     if summary.get("val_fraction") is not None:
@@ -267,6 +266,17 @@ def restore_adam(optimiser, name: str, summary: dict) -> int:
     return restored
 
 
+def cache_identity(store) -> str:
+    """The data identity (what `ra train --resume` checks) of the sources a slice cache was built from, as they are
+    on disk now."""
+    from ra_engine.io.sources import Source
+    from ra_engine.preprocess.presets import PresetConfig
+    from ra_engine.training.pipeline import data_identity
+
+    given = [Source(Path(image), Path(mask) if mask else None) for image, _, _, mask in store.fingerprint["sources"]]
+    return data_identity(given, PresetConfig.from_dict(store.fingerprint["preset"]))
+
+
 def pack_cohort(name: str, run: Path, weights_dtype: str) -> dict:
     """Everything one cohort needs on the GPU machine, as in-memory blobs plus its manifest entry (not yet written)."""
     from ra_engine.core.errors import DataError
@@ -291,7 +301,7 @@ def pack_cohort(name: str, run: Path, weights_dtype: str) -> dict:
     arch = ArchConfig.from_dict(ckpt["arch"]).to_dict()
     store = SliceStore(cache)
     if ckpt.get("meta", {}).get("data") is not None:
-        if ckpt["meta"]["data"] != _sha256(json.dumps(store.fingerprint, sort_keys=True).encode()):
+        if ckpt["meta"]["data"] != cache_identity(store):
             raise DataError(f"{latest} was trained on other data than the cache {cache} holds: prepare from a "
                             f"consistent run folder")
     train_idx, val_idx, summary, held_out = read_run_split(run, store, config)

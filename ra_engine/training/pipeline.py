@@ -95,12 +95,26 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _fingerprint(sources, preset: PresetConfig) -> dict:
+    """The slice cache's key: the preprocessing and each source's path, size and date (cheap to check)."""
     entries = []
     for s in sources:
         stat = Path(s.image).stat()
         entries.append([str(Path(s.image).resolve()), stat.st_size, int(stat.st_mtime),
                         str(Path(s.mask).resolve()) if s.mask else None])
     return {"preset": preset.to_dict(), "sources": entries}
+
+
+def data_identity(sources, preset: PresetConfig) -> str:
+    """What `--resume` checks the data by: the preprocessing and every source's content (its name relative to the
+    sources' common folder and its sha256, in the order given). A cohort copied to another disk or given new file
+    dates still resumes; a changed, added or reordered file does not. (The slice cache, by contrast, is keyed on
+    paths, sizes and dates, which are cheap to check: it is rebuilt when they change.)"""
+    files = [s.image for s in sources] + [s.mask for s in sources if s.mask]
+    root = common_root(files)
+    described = [[file_fingerprint(s.image, root), file_fingerprint(s.mask, root) if s.mask else None]
+                 for s in sources]
+    identity = {"preset": preset.to_dict(), "sources": described}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def run_training(data, preset: PresetConfig, out: Path, arch: ArchConfig, config: TrainConfig, *,
@@ -202,7 +216,7 @@ def _prepare_data(sources, preset: PresetConfig, out: Path, cache_dir: Path | No
         train_idx, val_idx = split_by_scan(store, val_fraction, seed=seed)
     else:
         train_idx, val_idx = split_by_sources(store, held_out)
-    data_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    data_hash = data_identity(sources, preset)
     summary = {"sources": len(sources), "scans_used": store.n_scans, "skipped": [str(s) for s in store.skipped],
                "slices": len(store), "train_slices": len(train_idx), "val_slices": len(val_idx),
                "val_fraction": None if held_out is not None else val_fraction, "sha256": data_hash}
@@ -214,8 +228,8 @@ def _prepare_data(sources, preset: PresetConfig, out: Path, cache_dir: Path | No
 def _card_data(prepared: PreparedData) -> dict:
     """The training data as the model card gives it: counts, and files by their names relative to the data's
     common folder (`root`, by its name only) with their sha256 (no path of this machine): the held-out scans one by
-    one, all of them as one digest of the sorted names and sha256s (`content_sha256`). `sha256` is the run's data
-    fingerprint (paths, sizes, dates, preprocessing), which resuming checks."""
+    one, all of them as one digest of the sorted names and sha256s (`content_sha256`). `sha256` is the identity
+    that resuming checks (`data_identity`: the preprocessing and the sources' contents in order)."""
     store = prepared.store
     images = [s.image for s in store.sources] + [s.image for s in store.skipped]
     root = common_root(images)
