@@ -73,6 +73,17 @@ def test_resume_follows_the_data_by_content_not_by_file_dates_or_place(radiograp
     assert "training data differ from the checkpoint" in capsys.readouterr().err
 
 
+def test_the_progress_file_gets_its_folder_and_an_unwritable_one_is_a_clear_error(radiographs, tmp_path, capsys):
+    progress = tmp_path / "new" / "folder" / "progress.jsonl"
+    assert train(radiographs, tmp_path / "run", "--max-steps", "1", "--progress-json", str(progress)) == 0
+    assert json.loads(progress.read_text(encoding="utf-8").splitlines()[-1])["event"] == "done"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    out = tmp_path / "other"
+    assert train(radiographs, out, "--max-steps", "1", "--progress-json", str(blocker / "p.jsonl")) == 2
+    assert "cannot write the progress file" in capsys.readouterr().err and not out.exists()
+
+
 def test_select_last_gives_the_last_iterations_weights_and_a_finished_run_can_be_exported_again(radiographs,
                                                                                                  tmp_path):
     from safetensors.torch import load_file

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from ra_engine.core.errors import error_text
+from ra_engine.core.files import WriteError
+
 EVENTS = ("start", "step", "epoch", "checkpoint", "warning", "done", "error")
 ProgressCallback = Callable[[dict], "bool | None"]
 """callback(event): one progress event (a dict of the schema above); returning False asks the job to stop."""
@@ -30,7 +33,12 @@ class Progress:
         if json_path == "-":
             self._stream = sys.stdout
         elif json_path is not None:
-            self._stream = open(json_path, "a", encoding="utf-8")
+            try:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                self._stream = open(json_path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise WriteError(f"cannot write the progress file {json_path}: {error_text(exc)} (give a path in a "
+                                 f"writable folder)") from exc
             self._owns_stream = True
         self._bar_wanted = bar
         self._bar = None
