@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ra_engine
@@ -82,6 +83,37 @@ def test_the_progress_file_gets_its_folder_and_an_unwritable_one_is_a_clear_erro
     out = tmp_path / "other"
     assert train(radiographs, out, "--max-steps", "1", "--progress-json", str(blocker / "p.jsonl")) == 2
     assert "cannot write the progress file" in capsys.readouterr().err and not out.exists()
+
+
+def test_masks_and_label_maps_in_the_data_folder_are_not_trained_on_as_scans(radiographs, tmp_path):
+    import SimpleITK as sitk
+
+    lesion = np.zeros((40, 30), np.uint8)
+    lesion[10:20, 5:12] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(lesion), str(radiographs / "lesions.png"))
+    labels = (np.arange(40 * 30).reshape(40, 30) % 5).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(radiographs / "cxr_3_labels.png"))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipped"):
+        assert train(radiographs, out, "--max-steps", "1") == 0
+    data = ra_engine.load_model(out / "model").card.training.data
+    assert data["sources"] == 10 and data["scans_used"] == 8
+    skipped = {s["file"]: s["reason"] for s in data["skipped"]}
+    assert set(skipped) == {"lesions.png", "cxr_3_labels.png"}
+    assert "2 distinct value(s) (0, 1)" in skipped["lesions.png"] and "label map" in skipped["cxr_3_labels.png"]
+
+
+def test_label_map_values_finds_masks_and_not_scans():
+    from ra_engine.training.pipeline import label_map_values
+
+    rng = np.random.default_rng(0)
+    assert list(label_map_values(np.array([[0, 1], [1, 0]], np.uint8))) == [0, 1]
+    assert list(label_map_values(np.zeros((5, 5)))) == [0]
+    assert label_map_values(rng.integers(0, 256, (64, 64)).astype(np.uint8)) is None  # an 8-bit picture
+    assert label_map_values(np.array([0.0, 0.5, 1.0])) is None  # few values, not whole numbers: intensities
+    volume = np.zeros((200, 200, 200), np.int16)
+    volume.flat[1::1000] = np.arange(volume.size // 1000) % 20  # values the sample (every 80th voxel) misses
+    assert label_map_values(volume) is None
 
 
 def test_select_last_gives_the_last_iterations_weights_and_a_finished_run_can_be_exported_again(radiographs,

@@ -37,6 +37,7 @@ from ra_engine.training.trainer import Trainer, TrainResult
 log = logging.getLogger("ra_engine")
 RUN_ARTEFACTS = ("checkpoints", "model", "train.log")
 VAL_FRACTION = 0.1  # the share of whole scans held out for validation and then calibration
+MAX_LABEL_VALUES = 16  # an image with no more distinct whole-number values is a mask or label map, not a scan
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,23 @@ class TrainingPreprocess:
         return self.config.name == "brain-mri"
 
     def __call__(self, image: Image, mask: Image | None):
+        values = label_map_values(image.array)
+        if values is not None:
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+            raise DataError(f"it holds only {len(values)} distinct value(s) ({shown}): a mask or label map, not a scan, "
+                            f"so it is not trained on (name a brain/body mask <image>_mask beside its image to use it)")
         return preprocess(image, self.config, mask, training=True)
+
+
+def label_map_values(array: np.ndarray) -> np.ndarray | None:
+    """The distinct values of `array` when it looks like a mask or label map (at most MAX_LABEL_VALUES distinct
+    whole numbers; a blank image too), else None. A sample of the voxels decides first, so a real scan costs little."""
+    flat = np.asarray(array).ravel()
+    for values in (np.unique(flat[:: max(1, flat.size // 100_000)]), None):
+        values = np.unique(flat) if values is None else values
+        if len(values) > MAX_LABEL_VALUES or not np.all(values == np.round(values)):
+            return None
+    return values
 
 
 class SliceSubset:
