@@ -89,12 +89,16 @@ def table() -> str:
                   "`test` where it is reported):", "",
                   "| method | score | select AUROC | test AUROC | test AP | test FPR@95%TPR | test AUROC bacterial "
                   "| test AUROC viral |", "|---|---|---|---|---|---|---|---|"]
-        for r in chest_rows:
-            for score, f in r["figures"]["test"]["figures"].items():
-                by_type = r["figures"]["test"]["auroc_by_type"]
-                lines.append(f"| {r['method']} | {score}{' (' + f['direction'] + ')' if 'direction' in f else ''} | "
-                             f"{_f(r['figures']['select']['figures'][score]['auroc'])} | {_f(f['auroc'])} | "
-                             f"{_f(f['ap'])} | {_f(f['fpr_at_95_tpr'])} | "
+        trivial = ("image_mean", "image_sd")  # the same for every model: shown once, in their better direction
+        groups = [(r["method"], r, [k for k in r["figures"]["test"]["figures"] if k not in trivial])
+                  for r in chest_rows] + [("trivial", chest_rows[0], list(trivial))]
+        for method, r, scores in groups:
+            by_type = r["figures"]["test"]["auroc_by_type"]
+            for score in scores:
+                f = r["figures"]["test"]["figures"][score]
+                shown = score + (f", {f['direction'].split(' (')[0]}" if "direction" in f else "")
+                lines.append(f"| {method} | {shown} | {_f(r['figures']['select']['figures'][score]['auroc'])} | "
+                             f"{_f(f['auroc'])} | {_f(f['ap'])} | {_f(f['fpr_at_95_tpr'])} | "
                              f"{_f(by_type.get('bacterial', {}).get(score))} | {_f(by_type.get('viral', {}).get(score))} |")
         lines.append("")
     brain_rows = [r for r in rows if r["cohort"] == "brain"]
