@@ -16,7 +16,7 @@ from .geometry import array_ijk_to_ras, image_from_volume, set_volume_from_image
 SAMPLE_NAME = "RAColin27Head"
 SAMPLE_FILE_NAME = "RA-Colin27-head.nii.gz"
 SAMPLE_SHA256 = "c8423c7c75a0c9c89b486936caff63ce2eba7947e585e657e8f9adfbe69c97c4"
-DEMO_MODEL = "brain-t1-demo"  # the small brain MRI model bundled with the extension (a demonstration, not for use)
+DEMO_MODEL = "brain-t1"  # the brain T1 model bundled with the extension (trained on real normal cohorts; research use)
 
 
 def sampleScanPath() -> Path:

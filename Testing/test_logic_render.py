@@ -17,12 +17,11 @@ from vtk.util import numpy_support
 
 from fixtures_mrml import ViewScene, ijk_to_ras, load_volume, voxels
 from ra_engine.core.samples import insert_lesion, LESION_CENTRE_LPS, LESION_RADIUS_MM, TEST_SCAN
-from ra_engine.demo import SMALL_MODEL as BUNDLED_MODEL
 from ra_engine.io.images import read_image
 from RALogic import RALogic
 from RALogic.geometry import ras_of_index
 from RALogic.outputs import DETECTION_COLOUR
-from RALogic.sample import insertSyntheticLesion, sampleScanPath
+from RALogic.sample import DEMO_MODEL as BUNDLED_MODEL, insertSyntheticLesion, sampleScanPath
 from test_detect import MNI, RESOURCES, calibrate, make_model
 
 DEMO_MODEL = RESOURCES / "models" / BUNDLED_MODEL
@@ -129,8 +128,8 @@ def test_the_layers_show_input_heat_overlay_and_detections_where_they_are(shown,
 
 
 @pytest.mark.skipif(not (DEMO_MODEL / "model.json").is_file(),
-                    reason=f"the bundled demonstration model {DEMO_MODEL} is not there yet")
-def test_the_demo_model_flags_a_synthetic_lesion_in_the_rendered_slice(tmp_path):
+                    reason=f"the bundled brain model {DEMO_MODEL} is not there")
+def test_the_bundled_brain_model_flags_a_synthetic_lesion_in_the_rendered_slice(tmp_path):
     scan, truth = insert_lesion(read_image(TEST_SCAN))
     path = tmp_path / "lesioned.nii.gz"
     sitk.WriteImage(scan.to_sitk(), str(path))

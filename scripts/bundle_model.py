@@ -42,7 +42,8 @@ def compare(original, stored, scans: list[str]) -> dict:
         scale = float(np.percentile(a.anomaly.array[inside], 99)) or 1.0
         worst_relative = max(worst_relative, float(np.abs(a.anomaly.array - b.anomaly.array)[inside].max()) / scale)
         da, db = a.detections_at().array > 0, b.detections_at().array > 0
-        worst_dice = min(worst_dice, 2 * float((da & db).sum()) / max(float(da.sum() + db.sum()), 1.0))
+        both = float(da.sum() + db.sum())
+        worst_dice = min(worst_dice, 2 * float((da & db).sum()) / both if both else 1.0)  # both empty: they agree
     return {"scans": len(scans), "anomaly_max_difference_relative_to_p99": round(worst_relative, 5),
             "detections_min_dice": round(worst_dice, 5), "tolerance": TOLERANCE}
 
